@@ -1,0 +1,130 @@
+"""The real ComfyUI as a library, the pack loaded as ComfyUI loads it, and tiny UNet models to sample with.
+
+Nothing here mocks ComfyUI: models are ComfyUI's own classes with weights the harness initialises, and
+sampling goes through comfy.sample, the path the stock KSampler takes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "spectral_anchors"
+
+
+def boot_comfy() -> Path:
+    """Make ComfyUI importable (CPU, no argument parsing surprises) and return its root."""
+    sys.path.insert(0, str(PACK_ROOT / "scripts"))
+    from comfy_root import comfy_root
+
+    root = comfy_root(prepare=True)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], "--cpu"]
+    try:
+        import comfy.model_management  # noqa: F401  (reads the arguments at import)
+        import utils.extra_config  # noqa: F401  (must precede nodes: nodes puts comfy/ first on sys.path)
+        import utils.install_util  # noqa: F401
+        import nodes  # noqa: F401
+    finally:
+        sys.argv = saved_argv
+    return root
+
+
+def load_pack():
+    """Import the checkout as a package, the way ComfyUI imports a custom node folder (its __init__.py)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def init_weights(module, seed: int) -> None:
+    """ComfyUI's layers skip initialisation; give every parameter small, seeded values."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            elif "norm" in name and parameter.ndim == 1:
+                parameter.copy_(1.0 + torch.randn(parameter.shape, generator=generator) * 0.02)
+            else:
+                fan_in = max(1, parameter[0].numel()) if parameter.ndim > 1 else parameter.numel()
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in ** 0.5)
+
+
+TINY_SDXL = {
+    "model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1, 1], "context_dim": 64,
+    "adm_in_channels": 2816, "use_temporal_attention": False, "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "num_classes": "sequential", "use_spatial_transformer": True,
+    "legacy": False, "use_checkpoint": False, "use_temporal_resblock": False, "num_head_channels": 16,
+}
+TINY_SD15 = {
+    "model_channels": 32, "use_linear_in_transformer": False, "transformer_depth": [1, 1, 1, 0], "context_dim": 64,
+    "adm_in_channels": None, "use_temporal_attention": False, "num_res_blocks": [1, 1, 1, 1],
+    "channel_mult": [1, 2, 2, 2], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0], "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False, "use_temporal_resblock": False,
+    "num_heads": 2, "num_head_channels": -1,
+}
+
+
+def tiny_model(family: str = "sdxl", seed: int = 0):
+    """A ModelPatcher around a tiny SDXL- or SD1.5-architecture UNet (about 4.5 M parameters)."""
+    import torch
+
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if family == "sdxl":
+        config = comfy.supported_models.SDXL(dict(TINY_SDXL))
+    elif family == "sd15":
+        config = comfy.supported_models.SD15(dict(TINY_SD15))
+    else:
+        raise ValueError(family)
+    # The SDXL and SD1.5 configs force their full-size head layout; tiny widths need their own.
+    config.unet_config.update({k: v for k, v in (TINY_SDXL if family == "sdxl" else TINY_SD15).items()
+                               if k in ("num_head_channels", "num_heads")})
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def conditioning(family: str, batch: int, seed: int = 0, tokens: int = 77):
+    """A batched CONDITIONING: row b pairs with latent b (SDXL adds the pooled output)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, 64, generator=generator)
+    extras = {}
+    if family == "sdxl":
+        extras = {"pooled_output": torch.randn(batch, 1280, generator=generator), "width": 256, "height": 256,
+                  "crop_w": 0, "crop_h": 0, "target_width": 256, "target_height": 256}
+    return [[context, extras]]
+
+
+def sample(model, positive, negative, latent, seed: int = 0, steps: int = 3, cfg: float = 5.0,
+           sampler: str = "euler", scheduler: str = "normal", noise=None, denoise: float = 1.0):
+    """Sample through comfy.sample, the stock KSampler's path; returns the latent samples."""
+    import comfy.sample
+
+    if noise is None:
+        noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               denoise=denoise, disable_pbar=True, seed=seed)
