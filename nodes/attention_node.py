@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from . import io_types
 from .io_types import Spectrum
 from .sharing_patch import SharingPlan, apply_sharing
+from .spectrum_plot_node import plot_layers_downstream
+from .spectrum_recording import recorder_of
 from .unet_layers import LAYER_CHOICES, UnsupportedModelError
 
 # 0.01 keeps the very first step plain (it runs at the model's largest sigma, above this start) while sharing
 # from the second step on for any schedule of up to 100 steps, as ConsiStory does.
 DEFAULT_START_PERCENT = 0.01
 MAX_ANCHORS = 64
+NODE_NAME = "Spectral Anchor Attention"
 
 
 class SpectralAnchorAttention(io.ComfyNode):
@@ -27,7 +31,8 @@ class SpectralAnchorAttention(io.ComfyNode):
                 "loader and the KSampler and give the sampler one prompt per image."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The UNet model (SDXL, SD1.x, SD2.x) to patch. The input is not modified."),
+                io.Model.Input("model",
+                               tooltip="The UNet model (SDXL, SD1.x, SD2.x) to patch. The input is not modified."),
                 io.Int.Input("anchors", default=2, min=1, max=MAX_ANCHORS,
                              tooltip="How many images at the start of the batch are anchors. Every image sees the "
                                      "anchors; anchors never see the other images. 2 is the research default; more "
@@ -48,16 +53,55 @@ class SpectralAnchorAttention(io.ComfyNode):
                 Spectrum.Input("value_spectrum", optional=True,
                                tooltip="Filter for the anchors' values as other images see them. Values mostly "
                                        "decide subject similarity: keep 5-10 %, or log_squared reweighting."),
+                io_types.Story.Input("story", optional=True,
+                                     tooltip="The story output of Spectral Story Prompts: where the subject word "
+                                             "sits in each scene's prompt. Needed only for subject_masks; feed the "
+                                             "sampler that node's positive conditioning and latent."),
+                io.Boolean.Input("subject_masks", default=False, optional=True,
+                                 tooltip="ConsiStory's masked sharing: anchors share only the tokens where the "
+                                         "subject is (found from the subject word's cross-attention). Less "
+                                         "background leaks between images; strong on people and animals, weaker "
+                                         "on unusual objects where the mask misses. Off = the mask-free spectral "
+                                         "variant. Needs the story input."),
+                io.Float.Input("mask_dropout", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="With subject_masks: the fraction of each anchor's subject tokens left out, "
+                                       "redrawn every step. Lower = more identity but less pose variety; higher = "
+                                       "more variety, weaker identity. 0.5 is ConsiStory's default."),
+                io.Int.Input("mask_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                             tooltip="Seed of the mask dropout: the same seed gives the same images, another seed "
+                                     "drops other tokens."),
+                io.Boolean.Input("query_blending", default=False, optional=True,
+                                 tooltip="ConsiStory's 'share queries': during the first tenth of the steps, mix the "
+                                         "queries of a plain forward into the shared layers (weight 0.9 falling to "
+                                         "0.82). Gives back layout and pose variety that sharing takes away, at a "
+                                         "little identity; costs one extra model forward on those steps (steps "
+                                         "1..n/10-1 with the default start, so nothing below 20 steps)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model; feed it to any sampler.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to find Spectral Spectrum Plot nodes downstream
         )
 
     @classmethod
     def execute(cls, model, anchors: int, layers: str, start_percent: float, end_percent: float,
-                key_spectrum=None, value_spectrum=None) -> io.NodeOutput:
+                key_spectrum=None, value_spectrum=None, story=None, subject_masks: bool = False,
+                mask_dropout: float = 0.5, mask_seed: int = 0, query_blending: bool = False) -> io.NodeOutput:
+        if subject_masks:
+            if story is None:
+                raise ValueError(f"{NODE_NAME}, input 'story': subject_masks is on but no story is connected. Connect "
+                                 "the story output of a Spectral Story Prompts node (and feed the sampler its "
+                                 "positive conditioning and latent), or turn subject_masks off.")
+            story.require_subject_in_every_scene()
         plan = SharingPlan(anchor_count=anchors, layers=layers, start_percent=start_percent, end_percent=end_percent,
-                           key_spectrum=key_spectrum, value_spectrum=value_spectrum)
+                           key_spectrum=key_spectrum, value_spectrum=value_spectrum, subject_masks=bool(subject_masks),
+                           mask_dropout=float(mask_dropout), mask_seed=int(mask_seed), story=story,
+                           query_blend=bool(query_blending))
         try:
-            return io.NodeOutput(apply_sharing(model, plan))
+            patched = apply_sharing(model, plan)
         except UnsupportedModelError as error:
             raise ValueError(f"Spectral Anchor Attention, input 'model': {error}") from None
+        recorder = recorder_of(patched)
+        if recorder is not None:
+            for layer in plot_layers_downstream(cls.hidden.prompt if cls.hidden else None,
+                                                cls.hidden.unique_id if cls.hidden else None):
+                recorder.arm(layer)
+        return io.NodeOutput(patched)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from comfy.patcher_extension import WrappersMP
 
 from ..attention.schedule import step_index

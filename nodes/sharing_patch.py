@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import comfy.ldm.modules.attention as comfy_attention
 
 from ..attention.schedule import SigmaWindow
 from ..attention.sharing import shared_attention
+from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
 from .sampling_run import call_of, track_sampling_runs
+from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
+from .subject_masks import install_subject_masks, subject_anchor_keep
 from .unet_layers import LayerKey, selected_layers, unet_of
+
+if TYPE_CHECKING:
+    from .story import Story
 
 PLAN_KEY = "spectral_anchors.sharing_plan"
 
@@ -25,6 +32,14 @@ class SharingPlan:
     end_percent: float
     key_spectrum: object | None = None
     value_spectrum: object | None = None
+    # ConsiStory's subject masks (nodes/subject_masks.py): anchors share only their subject tokens, minus dropout.
+    subject_masks: bool = False
+    mask_dropout: float = 0.5
+    mask_seed: int = 0
+    story: Story | None = None
+    # ConsiStory's query blending (nodes/query_blend.py): s on the first and the last blending step.
+    query_blend: bool = False
+    query_blend_weights: tuple[float, float] = (0.9, 0.82)
 
     @property
     def window_is_empty(self) -> bool:
@@ -53,13 +68,22 @@ def apply_sharing(model_patcher, plan: SharingPlan):
     model_sampling = patched.get_model_object("model_sampling")
     window = SigmaWindow(model_sampling.percent_to_sigma(plan.start_percent),
                          model_sampling.percent_to_sigma(plan.end_percent))
-    for key in layers:
+    if plan.subject_masks:
+        if plan.story is None:
+            raise ValueError("subject masks need a story (the subject's token positions per scene)")
+        install_subject_masks(patched, plan.story, plan.mask_dropout, plan.mask_seed)
+    if plan.query_blend:
+        install_query_blending(patched, window, plan.query_blend_weights)
+    recorder = SpectrumRecorder(layers)
+    patched.set_attachments(RECORDER_KEY, recorder)
+    for index, key in enumerate(layers):
         if key not in taken:
-            patched.set_model_attn1_replace(_make_layer_patch(plan, window, key), *key)
+            patched.set_model_attn1_replace(_make_layer_patch(plan, window, key, index, recorder), *key)
     return patched
 
 
-def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey):
+def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, layer_index: int,
+                      recorder: SpectrumRecorder):
     key_filter = _filter_of(plan.key_spectrum)
     value_filter = _filter_of(plan.value_spectrum)
 
@@ -76,9 +100,20 @@ def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey):
         sigma = call.sigma if call is not None else float(extra_options["sigmas"].max())
         if not window.contains(sigma):
             return attend(q, k, v)
+        if plan.query_blend:
+            if recording_queries(extra_options):
+                record_queries(extra_options, layer, q)
+                return attend(q, k, v)  # the plain forward of query blending
+            q = blended_queries(extra_options, layer, q)
+        keys_filter, values_filter = key_filter, value_filter
+        if recorder.wants(layer_index):
+            cond_or_uncond = extra_options["cond_or_uncond"]
+            keys_filter = recorder.recording_filter(key_filter, "K", layer_index, call, cond_or_uncond)
+            values_filter = recorder.recording_filter(value_filter, "V", layer_index, call, cond_or_uncond)
+        anchor_keep = subject_anchor_keep(plan.anchor_count, q, extra_options) if plan.subject_masks else None
         return shared_attention(q, k, v, chunk_count=len(extra_options["cond_or_uncond"]),
                                 anchor_count=plan.anchor_count, attend=attend,
-                                key_filter=key_filter, value_filter=value_filter)
+                                key_filter=keys_filter, value_filter=values_filter, anchor_keep=anchor_keep)
 
     shared_self_attention.layer = layer  # lets tests and tools see which layer a patch serves
     return shared_self_attention

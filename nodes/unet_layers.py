@@ -36,8 +36,8 @@ def unet_of(model_patcher) -> UNetModel:
 
 def self_attention_layers(unet: UNetModel) -> list[LayerKey]:
     """Every self-attention layer of the UNet, in forward order."""
-    stages = [("input", list(unet.input_blocks)), ("middle", [unet.middle_block] if unet.middle_block is not None else []),
-              ("output", list(unet.output_blocks))]
+    middle = [unet.middle_block] if unet.middle_block is not None else []
+    stages = [("input", list(unet.input_blocks)), ("middle", middle), ("output", list(unet.output_blocks))]
     keys: list[LayerKey] = []
     for block_name, blocks in stages:
         for block_id, block in enumerate(blocks):

@@ -128,3 +128,19 @@ def sample(model, positive, negative, latent, seed: int = 0, steps: int = 3, cfg
         noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                denoise=denoise, disable_pbar=True, seed=seed)
+
+
+def tiny_controlnet(seed: int = 3):
+    """A ComfyUI ControlNet (comfy.cldm) shaped for the tiny SDXL UNet, with seeded weights."""
+    import torch
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    unet_only = ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")
+    config = {key: value for key, value in TINY_SDXL.items() if key not in unet_only}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                               dtype=torch.float32, device=torch.device("cpu"), **config)
+    init_weights(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None)

@@ -26,3 +26,46 @@ def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, ke
                     values.append(value_filter(v_rows[a]) if value_filter else v_rows[a])
             outputs.append(attend(q[row:row + 1], torch.cat(keys, dim=1), torch.cat(values, dim=1)))
     return torch.cat(outputs)
+
+
+def reference_spectrum_filter(steps):
+    """METHOD.md section 3 by a float64 SVD of each matrix: steps are (kind, mode, value) tuples.
+
+    kind "truncate": fixed N / quantile q / energy q; kind "reweight": log / log_squared / exp(alpha).
+    """
+    import math
+
+    def apply(x):
+        out = []
+        for matrix in x.double():
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            s = s.clone()
+            for kind, mode, value in steps:
+                r = s.numel()
+                if kind == "truncate":
+                    if mode == "fixed":
+                        keep = min(int(value), r)
+                    elif mode == "quantile":
+                        keep = max(1, math.ceil(value * r - 1e-9))
+                    else:
+                        total = float((s ** 2).sum())
+                        if total == 0:
+                            keep = r
+                        else:
+                            energy = torch.cumsum(s ** 2, 0) / total
+                            keep = int((energy < value - 1e-6).sum()) + 1
+                    s[keep:] = 0
+                else:
+                    norm = float(s.norm())
+                    if mode == "log":
+                        shaped = torch.clamp(torch.log(torch.clamp(s, min=1e-300)), min=0) * (s > 0)
+                    elif mode == "log_squared":
+                        shaped = torch.clamp(torch.log(torch.clamp(s, min=1e-300)), min=0) ** 2 * (s > 0)
+                    else:
+                        shaped = s * torch.exp(value * s / s.max()) if float(s.max()) > 0 else s
+                    if float(shaped.norm()) > 0:
+                        s = shaped * (norm / float(shaped.norm()))
+            out.append((u * s) @ vh)
+        return torch.stack(out).to(x.dtype)
+
+    return apply

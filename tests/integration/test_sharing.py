@@ -196,3 +196,18 @@ def test_non_unet_model_gets_a_clear_error():
     not_a_unet = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"Spectral Anchor Attention, input 'model'.*Supported: .*SDXL"):
         patch(not_a_unet)
+
+
+def test_controlnet_still_applies_and_sharing_stays_exact():
+    from comfy_harness import tiny_controlnet
+
+    model = tiny_model("sdxl")
+    positive, negative = batch("sdxl", 4)
+    hint = torch.rand(1, 3, LATENT[1] * 8, LATENT[2] * 8, generator=torch.Generator().manual_seed(4))
+    control = tiny_controlnet().copy().set_cond_hint(hint, 1.0)
+    controlled = [[positive[0][0], dict(positive[0][1], control=control)]]
+    without = sample(patch(model), positive, negative, latent(4))
+    ours = sample(patch(model), controlled, negative, latent(4))
+    reference = sample(reference_patch(model), controlled, negative, latent(4))
+    assert (ours - without).abs().max() > 1e-2 * without.abs().max()
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4 * reference.abs().max())

@@ -1,0 +1,243 @@
+"""The benchmark's own detector and metrics, computed from latents (generated or from the world).
+
+Detector, per image:
+- subject: channel 0 above world.SUBJECT_THRESHOLD, largest 4-connected component, present if it covers at least
+  half the smallest subject the world draws; its size (sqrt of area) and centre give the pose;
+- appearance: the subject's pixels split into two colours (2-means), the larger cluster is the body colour, the
+  smaller the pattern colour; the smaller cluster's extent inside the subject's bounding box gives the pattern kind;
+- scene: background features (mean colour on channels 1-3 and, per scene, the best normalised correlation with
+  that scene's tile over all offsets), nearest scene centroid (centroids measured on world samples).
+
+Metrics of one story batch (first `anchors` images are anchors):
+- consistency distance: RMS difference of the 8-number appearance (body + pattern colour) between each target and
+  each anchor (lower = more consistent); pattern match: share of (target, anchor) pairs with the same pattern;
+- background leakage: how far each target's background features moved from its own scene's centroid toward the
+  centroid of each anchor's scene, as a fraction of the distance between them (0 = own scene, 1 = anchor's scene);
+- subject-present rate, scene correctness (predicted scene == prompted scene), pose spread (std of subject
+  centres and sizes across the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from . import world
+
+APPEARANCE_DIMS = 8
+
+
+@dataclass
+class Detection:
+    present: bool
+    area: int
+    centre: tuple[float, float]  # (row, column) as fractions of the image size
+    side: float  # sqrt(area) / image size
+    body: np.ndarray  # [4]
+    pattern_colour: np.ndarray  # [4]
+    pattern: int  # index into world.PATTERN_NAMES, -1 when absent
+    features: np.ndarray  # scene features
+    scene: int  # predicted scene
+
+    @property
+    def appearance(self) -> np.ndarray:
+        return np.concatenate([self.body, self.pattern_colour])
+
+
+def _two_means(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2-means on [n, 4] colours: (labels, centre of cluster 0, centre of cluster 1), deterministic init."""
+    mean = pixels.mean(axis=0)
+    first = pixels[np.argmax(((pixels - mean) ** 2).sum(axis=1))]
+    second = pixels[np.argmax(((pixels - first) ** 2).sum(axis=1))]
+    centres = np.stack([first, second])
+    labels = np.zeros(len(pixels), dtype=int)
+    for _ in range(20):
+        distances = ((pixels[:, None, :] - centres[None]) ** 2).sum(axis=2)
+        labels = distances.argmin(axis=1)
+        new = np.stack([pixels[labels == k].mean(axis=0) if (labels == k).any() else centres[k] for k in range(2)])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    return labels, centres[0], centres[1]
+
+
+def _core_colour(array: np.ndarray, label_map: np.ndarray, label: int) -> np.ndarray:
+    """Median colour of one cluster, from its core pixels (all 4 neighbours in the same cluster) when it has any:
+    pixels on a blurred edge mix two colours and would pull the estimate."""
+    member = label_map == label
+    if not member.any():
+        member = label_map >= 0
+    core = ndimage.binary_erosion(member, structure=ndimage.generate_binary_structure(2, 1))
+    chosen = core if core.sum() >= 2 else member
+    return np.median(array[:, chosen], axis=1)
+
+
+def _pattern_kind(minority: np.ndarray) -> int:
+    """Classify the minority colour's layout inside the subject's bounding box [h, w] bool."""
+    if not minority.any():
+        return 2
+    rows = minority.any(axis=1).mean()  # share of the box's rows that hold pattern pixels
+    cols = minority.any(axis=0).mean()
+    if cols - rows > 0.25:
+        return 0  # spans the width: horizontal stripe
+    if rows - cols > 0.25:
+        return 1
+    return 2
+
+
+@lru_cache(maxsize=8)
+def _templates(size: int) -> tuple[Tensor, ...]:
+    """Per scene: every shifted copy of its tile over a size x size image, [offsets, 4, size, size]."""
+    out = []
+    for tile in world.scene_tiles():
+        rows, cols = tile.shape[1:]
+        out.append(torch.stack([world.tiled(tile, size, oy, ox) for oy in range(rows) for ox in range(cols)]))
+    return tuple(out)
+
+
+def scene_features(image: Tensor, background: Tensor) -> np.ndarray:
+    """[mean colour on channels 1-3, best tile correlation per scene] of the background pixels."""
+    size = image.shape[-1]
+    weight = background.float()
+    count = weight.sum().clamp(min=1.0)
+    mean = (image * weight).sum(dim=(1, 2)) / count
+    residual = (image - mean[:, None, None]) * weight
+    residual_norm = residual.norm().clamp(min=1e-8)
+    scores = []
+    for templates in _templates(size):
+        masked = templates * weight
+        correlation = (masked * residual).sum(dim=(1, 2, 3)) / (masked.flatten(1).norm(dim=1).clamp(min=1e-8)
+                                                                 * residual_norm)
+        scores.append(float(correlation.max()))
+    return np.concatenate([mean[1:].numpy(), np.array(scores)])
+
+
+class Detector:
+    """Detects subjects and scenes in latents of one world size; scene centroids measured on world samples."""
+
+    def __init__(self, size: int, reference_per_scene: int = 40, seed: int = 12345):
+        self.size = size
+        low, _ = world.WorldSpec(size).side_range
+        self.min_area = max(4, (low * low) // 2)
+        generator = torch.Generator().manual_seed(seed)
+        count = reference_per_scene * len(world.SCENE_NAMES)
+        scenes = torch.arange(count) % len(world.SCENE_NAMES)
+        reference = world.generate(count, size, generator, scenes=scenes)
+        features = np.stack([self._features_and_subject(image)[0] for image in reference.latents])
+        self.centroids = np.stack([features[scenes.numpy() == s].mean(axis=0) for s in range(len(world.SCENE_NAMES))])
+
+    def _features_and_subject(self, image: Tensor):
+        image = image.float().cpu()
+        above = (image[0] > world.SUBJECT_THRESHOLD).numpy()
+        labels, count = ndimage.label(above)
+        if count:
+            sizes = ndimage.sum(above, labels, index=range(1, count + 1))
+            component = labels == (int(np.argmax(sizes)) + 1)
+        else:
+            component = np.zeros_like(above)
+        present = bool(component.sum() >= self.min_area)
+        subject = component if present else np.zeros_like(above)
+        # The background excludes the subject and a one-pixel ring around it (blurred edges are neither).
+        background = ~ndimage.binary_dilation(subject | above, iterations=1)
+        if background.sum() < 8:
+            background = ~subject
+        return scene_features(image, torch.from_numpy(background)), subject, present
+
+    def detect(self, image: Tensor) -> Detection:
+        features, subject, present = self._features_and_subject(image)
+        scene = int(np.argmin(((self.centroids - features) ** 2).sum(axis=1)))
+        if not present:
+            empty = np.zeros(4)
+            return Detection(False, 0, (math.nan, math.nan), 0.0, empty, empty, -1, features, scene)
+        array = image.float().cpu().numpy()
+        pixels = array[:, subject].T  # [n, 4]
+        labels, _, _ = _two_means(pixels)
+        body_label = 0 if (labels == 0).sum() >= (labels == 1).sum() else 1
+        rows, cols = np.nonzero(subject)
+        label_map = np.full(subject.shape, -1)
+        label_map[rows, cols] = labels
+        body = _core_colour(array, label_map, body_label)
+        pattern_colour = _core_colour(array, label_map, 1 - body_label)
+        top, left = rows.min(), cols.min()
+        box = np.zeros((rows.max() - top + 1, cols.max() - left + 1), dtype=bool)
+        minority = rows[labels != body_label] - top, cols[labels != body_label] - left
+        box[minority] = True
+        area = int(subject.sum())
+        centre = (float(rows.mean() + 0.5) / self.size, float(cols.mean() + 0.5) / self.size)
+        return Detection(True, area, centre, math.sqrt(area) / self.size, body, pattern_colour, _pattern_kind(box),
+                         features, scene)
+
+    def detect_batch(self, latents: Tensor) -> list[Detection]:
+        return [self.detect(image) for image in latents]
+
+    def leakage(self, detection: Detection, own_scene: int, other_scene: int) -> float:
+        """Fraction of the way from the own scene's centroid to the other scene's (0 = own, 1 = other)."""
+        own, other = self.centroids[own_scene], self.centroids[other_scene]
+        direction = other - own
+        return float(np.dot(detection.features - own, direction) / np.dot(direction, direction))
+
+
+def appearance_distance(a: Detection, b: Detection) -> float:
+    """RMS difference of the 8-number appearance (body colour, pattern colour)."""
+    return float(np.sqrt(np.mean((a.appearance - b.appearance) ** 2)))
+
+
+def _nanmean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchors: int) -> dict[str, float]:
+    """Metrics of one story batch whose images all prompt the subject; the first `anchors` are anchors."""
+    detections = detector.detect_batch(latents)
+    anchor_ids = range(anchors)
+    target_ids = range(anchors, len(detections))
+    distances, pattern_matches, leaks = [], [], []
+    for t in target_ids:
+        for a in anchor_ids:
+            if detections[t].present and detections[a].present:
+                distances.append(appearance_distance(detections[t], detections[a]))
+                pattern_matches.append(float(detections[t].pattern == detections[a].pattern))
+            if scenes[a] != scenes[t]:
+                leaks.append(detector.leakage(detections[t], scenes[t], scenes[a]))
+    found = [d for d in detections if d.present]
+    centres = np.array([d.centre for d in found]) if found else np.zeros((0, 2))
+    return {
+        "consistency_distance": _nanmean(distances),
+        "pattern_match": _nanmean(pattern_matches),
+        "leakage": _nanmean(leaks),
+        "present_rate": len(found) / len(detections),
+        "scene_correct": float(np.mean([d.scene == s for d, s in zip(detections, scenes, strict=True)])),
+        "pose_spread": float(np.sqrt(centres.var(axis=0).sum())) if len(found) > 1 else math.nan,
+        "size_spread": float(np.std([d.side for d in found])) if len(found) > 1 else math.nan,
+    }
+
+
+def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
+    """How well the detector recovers the ground truth of world samples."""
+    detections = detector.detect_batch(batch.latents)
+    present = batch.present.numpy()
+    found = np.array([d.present for d in detections])
+    scene_ok = np.array([d.scene == int(s) for d, s in zip(detections, batch.scenes, strict=True)])
+    both = present & found
+    colour_errors, pattern_ok, centre_errors = [], [], []
+    for i in np.nonzero(both)[0]:
+        d = detections[i]
+        truth = np.concatenate([batch.body[i].numpy(), batch.pattern_colour[i].numpy()])
+        colour_errors.append(float(np.sqrt(np.mean((d.appearance - truth) ** 2))))
+        pattern_ok.append(d.pattern == int(batch.pattern[i]))
+        side = int(batch.side[i])
+        true_centre = ((int(batch.top[i]) + side / 2) / detector.size, (int(batch.left[i]) + side / 2) / detector.size)
+        centre_errors.append(math.dist(d.centre, true_centre))
+    return {
+        "presence_accuracy": float(np.mean(found == present)),
+        "scene_accuracy": float(scene_ok.mean()),
+        "appearance_rms_error": _nanmean(colour_errors),
+        "pattern_accuracy": _nanmean([float(x) for x in pattern_ok]),
+        "centre_error": _nanmean(centre_errors),
+    }

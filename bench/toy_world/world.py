@@ -1,0 +1,180 @@
+"""The toy world: procedural 4-channel "latents" with a named scene and an optional two-colour subject.
+
+Everything is generated directly in the model's latent space (no VAE). Channel 0 works like an alpha /
+luminance channel: backgrounds sit well below zero on it and subjects well above, which lets the benchmark's
+detector find a subject reliably even when a generated texture is blurred. Channels 1-3 carry colour.
+
+- Scene (named by the conditioning): a scene colour plus a small random tile, repeated over the whole image with
+  a random offset per image. The tiles are fine, high-rank detail (every token of the background differs from its
+  neighbours), so the anchors' key/value spectra get tails where background lives.
+- Subject (present iff the subject token is in the prompt): a square of random side and position whose body colour
+  and pattern colour are random and NOT in the conditioning; its pattern is one of three kinds (horizontal stripe,
+  vertical stripe, central spot), also not in the conditioning. Consistency across a batch can therefore only come
+  from sharing between images.
+
+The world is defined by fixed seeds: the same (seed, size) always gives the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCENE_NAMES = ("meadow", "desert", "ocean", "forest", "city", "snow")
+PATTERN_NAMES = ("hstripe", "vstripe", "spot")
+CHANNELS = 4
+
+# Tile periods (rows, columns): different per scene, all small, so the detail is fine.
+_TILE_PERIODS = ((4, 6), (5, 5), (6, 4), (3, 7), (7, 3), (5, 6))
+# Scene colours on channels 1-3: chosen well apart (pairwise distance >= 0.8) so scene identity is clear.
+_SCENE_COLOURS = (
+    (0.55, -0.35, 0.10),
+    (-0.45, 0.50, 0.20),
+    (0.05, 0.10, -0.60),
+    (-0.50, -0.40, -0.20),
+    (0.40, 0.45, 0.55),
+    (-0.10, -0.55, 0.60),
+)
+BACKGROUND_LEVEL = -0.8  # channel 0 of every background
+BACKGROUND_CH0_AMPLITUDE = 0.2  # tile amplitude on channel 0 (stays below SUBJECT_THRESHOLD)
+BACKGROUND_COLOUR_AMPLITUDE = 0.55  # tile amplitude (std) on channels 1-3
+SUBJECT_LEVEL = (0.7, 1.3)  # channel 0 range of subject colours
+SUBJECT_COLOUR_RANGE = 1.0  # channels 1-3 of subject colours are uniform in [-range, range]
+SUBJECT_MIN_CONTRAST = 0.9  # body and pattern colours differ at least this much on channels 1-3
+SUBJECT_THRESHOLD = 0.0  # channel 0 above this is subject (backgrounds stay below -0.4, subjects above 0.7)
+WORLD_SEED = 20250
+
+SUBJECT_PRESENT_PROBABILITY = 0.7
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Geometry of one world size."""
+
+    size: int  # latent height = width
+
+    @property
+    def side_range(self) -> tuple[int, int]:
+        """Inclusive range of the subject's side length in latent pixels."""
+        return max(4, round(self.size * 0.21)), max(5, round(self.size * 0.38))
+
+
+def scene_tiles() -> list[Tensor]:
+    """The fixed per-scene tiles [4, rows, cols], zero mean per channel."""
+    generator = torch.Generator().manual_seed(WORLD_SEED)
+    tiles = []
+    for rows, cols in _TILE_PERIODS:
+        tile = torch.randn(CHANNELS, rows, cols, generator=generator)
+        tile = tile - tile.mean(dim=(1, 2), keepdim=True)
+        tile = tile / tile.std(dim=(1, 2), keepdim=True)
+        tile[0] *= BACKGROUND_CH0_AMPLITUDE / 2.0  # +-2 sd stays inside the channel-0 band
+        tile[1:] *= BACKGROUND_COLOUR_AMPLITUDE
+        tiles.append(tile)
+    return tiles
+
+
+def scene_colour(scene: int) -> Tensor:
+    """The scene's mean over the 4 channels."""
+    return torch.tensor((BACKGROUND_LEVEL, *_SCENE_COLOURS[scene]))
+
+
+def tiled(tile: Tensor, size: int, offset_y: int, offset_x: int) -> Tensor:
+    """The tile repeated over a size x size image, shifted by the offset."""
+    rows, cols = tile.shape[1:]
+    ys = (torch.arange(size) + offset_y) % rows
+    xs = (torch.arange(size) + offset_x) % cols
+    return tile[:, ys][:, :, xs]
+
+
+@dataclass
+class WorldBatch:
+    """Clean latents and the ground truth the detector is validated against."""
+
+    latents: Tensor  # [B, 4, H, W] in model space
+    scenes: Tensor  # [B] scene index
+    present: Tensor  # [B] bool
+    subject_mask: Tensor  # [B, H, W] bool
+    body: Tensor  # [B, 4] body colour (zeros when absent)
+    pattern_colour: Tensor  # [B, 4]
+    pattern: Tensor  # [B] pattern index (-1 when absent)
+    top: Tensor  # [B]
+    left: Tensor  # [B]
+    side: Tensor  # [B]
+
+
+def _subject_colours(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def draw(n: int) -> Tensor:
+        level = SUBJECT_LEVEL[0] + (SUBJECT_LEVEL[1] - SUBJECT_LEVEL[0]) * torch.rand(n, 1, generator=generator)
+        colour = (torch.rand(n, 3, generator=generator) * 2 - 1) * SUBJECT_COLOUR_RANGE
+        return torch.cat([level, colour], dim=1)
+
+    body = draw(count)
+    pattern = draw(count)
+    # Redraw pattern colours too close to the body colour, a few rounds (deterministic; the rest are pushed apart).
+    for _ in range(8):
+        close = (pattern[:, 1:] - body[:, 1:]).norm(dim=1) < SUBJECT_MIN_CONTRAST
+        if not close.any():
+            break
+        pattern[close] = draw(int(close.sum()))[: int(close.sum())]
+    close = (pattern[:, 1:] - body[:, 1:]).norm(dim=1) < SUBJECT_MIN_CONTRAST
+    pattern[close, 1:] = -body[close, 1:].sign() * SUBJECT_COLOUR_RANGE * 0.8
+    return body, pattern
+
+
+def pattern_mask(kind: int, side: int) -> Tensor:
+    """[side, side] bool: where the pattern colour goes inside the subject square."""
+    band = max(1, round(side / 3))
+    start = (side - band) // 2
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    if kind == 0:
+        mask[start:start + band, :] = True
+    elif kind == 1:
+        mask[:, start:start + band] = True
+    else:
+        spot = (side + 1) // 2
+        s = (side - spot) // 2
+        mask[s:s + spot, s:s + spot] = True
+    return mask
+
+
+def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor | None = None,
+             present: Tensor | None = None) -> WorldBatch:
+    """`count` world images of size x size. Scenes and presence are drawn unless given."""
+    spec = WorldSpec(size)
+    tiles = scene_tiles()
+    if scenes is None:
+        scenes = torch.randint(0, len(SCENE_NAMES), (count,), generator=generator)
+    if present is None:
+        present = torch.rand(count, generator=generator) < SUBJECT_PRESENT_PROBABILITY
+    offsets = torch.randint(0, 64, (count, 2), generator=generator)
+    low, high = spec.side_range
+    sides = torch.randint(low, high + 1, (count,), generator=generator)
+    unit = torch.rand(count, 2, generator=generator)
+    patterns = torch.randint(0, len(PATTERN_NAMES), (count,), generator=generator)
+    body, pattern_colour = _subject_colours(count, generator)
+
+    latents = torch.empty(count, CHANNELS, size, size)
+    masks = torch.zeros(count, size, size, dtype=torch.bool)
+    tops = torch.zeros(count, dtype=torch.long)
+    lefts = torch.zeros(count, dtype=torch.long)
+    for i in range(count):
+        scene = int(scenes[i])
+        image = tiled(tiles[scene], size, int(offsets[i, 0]), int(offsets[i, 1])) + scene_colour(scene)[:, None, None]
+        if present[i]:
+            side = int(sides[i])
+            top = int(unit[i, 0] * (size - side + 1))
+            left = int(unit[i, 1] * (size - side + 1))
+            tops[i], lefts[i] = top, left
+            inner = pattern_mask(int(patterns[i]), side)
+            square = torch.where(inner[None], pattern_colour[i][:, None, None], body[i][:, None, None])
+            image[:, top:top + side, left:left + side] = square
+            masks[i, top:top + side, left:left + side] = True
+        latents[i] = image
+    absent = ~present
+    body = torch.where(absent[:, None], torch.zeros_like(body), body)
+    pattern_colour = torch.where(absent[:, None], torch.zeros_like(pattern_colour), pattern_colour)
+    return WorldBatch(latents=latents, scenes=scenes, present=present, subject_mask=masks, body=body,
+                      pattern_colour=pattern_colour, pattern=torch.where(present, patterns, -1), top=tops,
+                      left=lefts, side=torch.where(present, sides, 0))

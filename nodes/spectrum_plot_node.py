@@ -1,0 +1,105 @@
+"""SpectralSpectrumPlot: draw what the spectrum filters did to the anchors' keys and values during sampling."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .spectrum_plot import draw_spectra
+from .spectrum_recording import recorder_of
+
+NODE_ID = "SpectralSpectrumPlot"
+_MAX_HOPS = 64  # model-patching nodes between the attention node and the plot; guards against cyclic prompts
+
+
+def plot_layers_downstream(prompt: dict | None, attention_node_id: str | None) -> set[int]:
+    """Layers that SpectralSpectrumPlot nodes of this prompt want from the given attention node's MODEL.
+
+    A plot's `model` input is followed upstream through any chain of MODEL-to-MODEL nodes (LoRA loaders,
+    other patches) until it reaches the attention node.
+    """
+    if not prompt or attention_node_id is None:
+        return set()
+    wanted = set()
+    for node in prompt.values():
+        if not isinstance(node, dict) or node.get("class_type") != NODE_ID:
+            continue
+        inputs = node.get("inputs", {})
+        if _reaches(prompt, inputs.get("model"), str(attention_node_id)):
+            layer = inputs.get("layer", 0)
+            wanted.add(layer if isinstance(layer, int) else 0)
+    return wanted
+
+
+def _reaches(prompt: dict, link, target: str) -> bool:
+    for _ in range(_MAX_HOPS):
+        if not (isinstance(link, list) and link):
+            return False
+        source = str(link[0])
+        if source == target:
+            return True
+        link = prompt.get(source, {}).get("inputs", {}).get("model")
+    return False
+
+
+class SpectralSpectrumPlot(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name="Spectral Spectrum Plot",
+            category="spectral_anchors",
+            description=(
+                "Plots the singular values of each anchor's keys (K) and values (V) at one layer and step, before and "
+                "after the spectrum filters, on a log scale. Connect the patched model and the sampler's output "
+                "latent (which makes the plot run after sampling), and send the image to Preview Image. Recording "
+                "happens only for layers a plot asks for."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model coming out of Spectral Anchor Attention (LoRAs or other "
+                                                "patches in between are fine)."),
+                io.Latent.Input("samples", tooltip="The sampler's output. Only used to run the plot after sampling."),
+                io.Int.Input("layer", default=0, min=0, max=255,
+                             tooltip="Which sharing layer to plot, counted in forward order from 0 among the "
+                                     "layers Spectral Anchor Attention patches (with 'decoder', 0 is the first "
+                                     "decoder layer)."),
+                io.Int.Input("step", default=-1, min=-1, max=10000,
+                             tooltip="Sampling step to plot (0 is the first). -1 plots the last step that shared."),
+            ],
+            outputs=[io.Image.Output(tooltip="The figure: one panel per anchor and matrix.")],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, layer: int, step: int) -> io.NodeOutput:
+        recorder = recorder_of(model)
+        if recorder is None:
+            raise ValueError("Spectral Spectrum Plot, input 'model': this model has no Spectral Anchor Attention "
+                             "with sharing on. Connect the model that comes out of Spectral Anchor Attention.")
+        if layer >= len(recorder.layer_keys):
+            raise ValueError(f"Spectral Spectrum Plot, input 'layer': the model shares {len(recorder.layer_keys)} "
+                             f"layers, so layer must be between 0 and {len(recorder.layer_keys) - 1}.")
+        steps = recorder.records.get(layer, {})
+        if not steps:
+            recorder.arm(layer)
+            raise ValueError("Spectral Spectrum Plot: nothing was recorded for this layer in the last sampling run "
+                             "(its result probably came from ComfyUI's cache, or sharing never ran). Recording is "
+                             "now on: change the seed or any sampler setting and queue again.")
+        chosen = max(steps) if step < 0 else step
+        if chosen not in steps:
+            raise ValueError(f"Spectral Spectrum Plot, input 'step': step {step} did not share. Steps with data: "
+                             f"{_ranges(sorted(steps))}.")
+        spectra = steps[chosen]
+        panels = []
+        anchors = spectra.before["K"].shape[0]
+        for anchor in range(anchors):
+            for kind, name in (("K", "keys"), ("V", "values")):
+                panels.append((f"anchor {anchor + 1} {name} ({kind}): {recorder.filters.get(kind, 'none')}",
+                               spectra.before[kind][anchor], spectra.after[kind][anchor]))
+        block, block_id, index = recorder.layer_keys[layer]
+        title = f"layer {layer} ({block} block {block_id}, transformer {index}), step {chosen}, cond chunk"
+        return io.NodeOutput(draw_spectra(panels, title))
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    return f"{values[0]}-{values[-1]}" if values == list(range(values[0], values[-1] + 1)) else str(values)
