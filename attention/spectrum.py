@@ -240,10 +240,11 @@ def chain_factors(s: Tensor, steps: tuple[Step, ...]) -> tuple[Tensor, Tensor]:
     """(values after the chain, per-direction factor) for singular values s [..., r].
 
     The factor scales each singular direction (after = factor * s where s > 0). It is tracked
-    step by step rather than taken as after / s so that a direction the solver reports as zero
-    but a truncation keeps is still kept (factor 1): a pure truncation is then an exact
-    projection even where rounding has flattened the tail of the spectrum. Reweighting gives a
-    zero value a zero factor (zeros stay zero).
+    step by step rather than taken as after / s because after / s says nothing about a
+    direction whose value is zero (exactly, or at the solver's rounding floor): such a direction
+    keeps factor 1 unless a truncation drops it. Its value stays zero whatever the chain does,
+    and whatever tiny content the matrix has along it is left as it was -- neither removed by
+    a reweighting nor lifted by its rescale.
     """
     values = s
     factor = torch.ones_like(s)
@@ -256,7 +257,7 @@ def chain_factors(s: Tensor, steps: tuple[Step, ...]) -> tuple[Tensor, Tensor]:
             shaped = reweight_values(values, step.mode, step.alpha)
             positive = values > 0
             ratio = shaped / torch.where(positive, values, torch.ones_like(values))
-            factor = torch.where(positive, factor * ratio, torch.zeros_like(factor))
+            factor = torch.where(positive, factor * ratio, factor)
             values = shaped
         else:
             raise TypeError(f"Not a spectrum step: {step!r}")
@@ -289,15 +290,24 @@ def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool]:
     """
     tall = x.shape[-2] >= x.shape[-1]
     solver = _solver_device(x.device)
+    gram_eps = torch.finfo(torch.float64).eps
     if solver != x.device:
         # MPS has no float64: Gram in float32 on the device, eigenproblem on the CPU.
         gram = (x.mT @ x if tall else x @ x.mT).to(solver, torch.float64)
+        gram_eps = torch.finfo(torch.float32).eps
     else:
         wide = x.to(torch.float64)
         gram = wide.mT @ wide if tall else wide @ wide.mT
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    # eigh sorts ascending; rounding can leave tiny negative eigenvalues for a zero direction.
-    s = eigenvalues.flip(-1).clamp_min(0.0).sqrt()
+    eigenvalues = eigenvalues.flip(-1)  # eigh sorts ascending
+    # A zero direction comes out as rounding noise of either sign, up to ~0.15 max(T, C) eps
+    # lambda_max (measured). Call everything up to max(T, C) eps lambda_max an exact zero: else
+    # a reweighting's rescale (up to e^10 for exp) would lift the noise of a rank-deficient
+    # matrix into visible directions. In singular values the floor is ~1e-6 s_max at SDXL
+    # sizes, below the resolution of a float32 input anyway.
+    floor = max(x.shape[-2], x.shape[-1]) * gram_eps * eigenvalues[..., :1]
+    eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+    s = eigenvalues.sqrt()
     basis = eigenvectors.flip(-1)
     return s, basis, tall
 

@@ -7,10 +7,11 @@ Two-pass (ConsiStory): the wrapper calls the sampler executor twice with the sam
    call of that step, an output_block_patch takes the DIFT features (the input of the first decoder block on the
    finest self-attention grid, i.e. the output of the decoder stage that feeds that grid, upsampling included),
    smooths them (3x3 Gaussian, sigma 1) and reads the subject masks, if SpectralAnchorAttention computes them.
-   From then on a DIFFUSION_MODEL wrapper answers the pass's remaining model calls with zeros instead of running
-   the UNet, and progress callbacks stop: the sampler only does its cheap arithmetic to the end, and the pass's
-   result is thrown away. (The schedule is not cut short: a shorter schedule changes the Brownian noise of the SDE
-   samplers and the step count other features read, so the first pass would no longer be the same sampling.)
+   From then on the pass's remaining model calls are answered without running the UNet (PREDICT_NOISE and
+   DIFFUSION_MODEL wrappers) and progress callbacks stop: the sampler only does its cheap arithmetic to the end,
+   and the pass's result is thrown away. (The schedule is not cut short: a shorter schedule changes the Brownian
+   noise of the SDE samplers and the step count other features read, so the first pass would no longer be the
+   same sampling.)
 2. The correspondences are computed once, from one feature map per image; the features are then dropped.
 3. The second pass is the real sampling, with injection in the window's steps.
 The progress bar therefore runs to the feature step, then from zero to the end.
@@ -18,6 +19,11 @@ The progress bar therefore runs to the feature step, then from zero to the end.
 Single-pass: one sampling; at each window step the correspondences come from the features of the latest earlier
 model call (the step before), recomputed once per step, with the masks of that moment. No second pass, but the
 features are those of the noisy early steps, so the matches are coarser.
+
+Subject masks: when SpectralAnchorAttention computes them (its subject_masks input), the first pass takes its
+masks at the feature step (the cross-attention of up to 20 steps up to and including it), on the finest grid; the
+single-pass mode takes the masks of the current step. Otherwise the correspondence is mask-free (see
+attention/correspondence.py for what is injected then).
 
 The run's state (InjectionRun) lives in the sampling's transformer_options for the duration of the wrapper and is
 removed when it returns; nothing stays on the MODEL. The wrapper is installed outside the pack's run tracker
@@ -263,8 +269,10 @@ def apply_feature_injection(model_patcher, settings: InjectionSettings):
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY, _make_sample_wrapper(settings))
     # After ours, so the run tracker sits inside our wrapper: every pass gets its own SamplingRun.
     track_sampling_runs(patched)
-    patched.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY)
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY, _make_skip_wrapper(settings))
+    skip_prediction, skip_unet = _make_skip_wrappers(settings)
+    for wrapper_type, wrapper in ((WrappersMP.PREDICT_NOISE, skip_prediction), (WrappersMP.DIFFUSION_MODEL, skip_unet)):
+        patched.remove_wrappers_with_key(wrapper_type, _WRAPPER_KEY)
+        patched.add_wrapper_with_key(wrapper_type, _WRAPPER_KEY, wrapper)
     patched.set_model_output_block_patch(_make_feature_patch(settings, block))
     patched.set_model_attn1_output_patch(_make_injection_patch(settings, layers))
     return patched
@@ -283,7 +291,11 @@ def _state_of(options: dict, settings: InjectionSettings) -> InjectionRun | None
 def _make_sample_wrapper(settings: InjectionSettings):
     def sample_with_injection(executor, *args, **kwargs):
         guider = executor.class_obj
-        bound = inspect.signature(guider.outer_sample).bind(*args, **kwargs)
+        try:
+            bound = inspect.signature(guider.outer_sample).bind(*args, **kwargs)
+        except TypeError:  # another wrapper changed the call: better no injection than a failed sampling
+            logging.warning("SpectralFeatureInjection: unexpected sampler call; sampling without injection.")
+            return executor(*args, **kwargs)
         schedule = [float(sigma) for sigma in bound.arguments["sigmas"].flatten().tolist()]
         step_count = max(len(schedule) - 1, 0)
         window = window_steps(step_count, settings.start_percent, settings.end_percent)
@@ -309,6 +321,7 @@ def _make_sample_wrapper(settings: InjectionSettings):
                     state.subject_masks = capture.masks
                     state.correspondence = dense_correspondence(capture.features, anchor_count, capture.masks)
                     state.index = injection_index(state.correspondence)
+                    capture.features = None  # one feature map per image, held only until here
                 else:
                     logging.warning("SpectralFeatureInjection: the first pass never reached the feature step with "
                                     "the positive prompt; sampling without injection.")
@@ -338,15 +351,29 @@ def _first_pass(executor, guider, bound: inspect.BoundArguments, capture: Featur
         guider.conds = conds
 
 
-def _make_skip_wrapper(settings: InjectionSettings):
-    def skip_after_features(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+def _make_skip_wrappers(settings: InjectionSettings):
+    """Once the first pass has its features, its remaining model calls are answered without running anything.
+
+    Whole steps are skipped at PREDICT_NOISE (before ControlNets and the like run): the denoised prediction is the
+    input itself, so the sampler's update is a no-op. The rest of the feature step (an uncond forward of its own,
+    a second-order sampler's second call) is skipped at DIFFUSION_MODEL with a zero prediction.
+    """
+
+    def done(transformer_options: dict) -> bool:
         state = _state_of(transformer_options, settings)
-        if state is not None and state.capture is not None and state.capture.done:
-            # The first pass has what it came for; its remaining steps need no UNet.
+        return state is not None and state.capture is not None and state.capture.done
+
+    def skip_prediction(executor, x, timestep, model_options=None, seed=None):
+        if done((model_options or {}).get("transformer_options", {})):
+            return x.clone()
+        return executor(x, timestep, model_options, seed)
+
+    def skip_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        if done(transformer_options):
             return x.new_zeros((x.shape[0], executor.class_obj.out_channels, *x.shape[2:]))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
-    return skip_after_features
+    return skip_prediction, skip_unet
 
 
 def _cond_rows(options: dict, rows: int) -> slice | None:

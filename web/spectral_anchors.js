@@ -22,6 +22,7 @@ const INFO_COLORS = { fg: "#e8e6ff", bg: "#4a3f8c" };
 const WARNING_COLORS = { fg: "#1a1000", bg: "#f0a030" };
 const MAX_HOPS = 32; // graphs are small; the bound only guards against cycles through odd custom nodes
 const MAX_TEXT = 60;
+const warnedNodes = new WeakSet(); // hints are recomputed every frame: report a failure once per node
 
 function widgetValue(node, name) {
   const widget = node?.widgets?.find((w) => w.name === name);
@@ -61,7 +62,8 @@ function stepLabel(node) {
   const mode = widgetValue(node, "mode") ?? "?";
   if (node.type === "SpectralTruncate") {
     const value = widgetValue(node, "value");
-    return mode === "fixed" && typeof value === "number" ? `fixed(${Math.trunc(value)})` : `${mode}(${formatNumber(value)})`;
+    if (mode === "fixed" && typeof value === "number") return `fixed(${Math.trunc(value)})`;
+    return `${mode}(${formatNumber(value)})`;
   }
   return mode === "exp" ? `exp(${formatNumber(widgetValue(node, "alpha"))})` : String(mode);
 }
@@ -287,7 +289,8 @@ app.registerExtension({
       try {
         return hintsFor(this).map((hint) => ({ text: clip(String(hint.text)), warning: hint.warning }));
       } catch (error) {
-        console.warn(`[${EXTENSION_NAME}] no hints for node ${this.id}:`, error);
+        if (!warnedNodes.has(this)) console.warn(`[${EXTENSION_NAME}] no hints for node ${this.id}:`, error);
+        warnedNodes.add(this);
         return [];
       }
     };

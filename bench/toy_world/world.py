@@ -58,7 +58,7 @@ class WorldSpec:
     @property
     def side_range(self) -> tuple[int, int]:
         """Inclusive range of the subject's side length in latent pixels."""
-        return max(4, round(self.size * 0.21)), max(5, round(self.size * 0.38))
+        return max(4, round(self.size * 0.25)), max(5, round(self.size * 0.42))
 
 
 def scene_tiles() -> list[Tensor]:

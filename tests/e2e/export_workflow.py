@@ -1,14 +1,17 @@
-"""Write workflows/anchor_attention_basic.json (and its template-browser thumbnail) with the real frontend.
+"""Write the example workflows of workflows/ (and their template-browser thumbnails) with the real frontend.
 
-The graph is built in the page with the LiteGraph API and exported with app.graph.serialize(), so the file is
-exactly what the pinned frontend saves. Run it again after changing the graph below:
+Each graph of workflow_graphs.py is built in the page with the LiteGraph API and exported with
+app.graph.serialize(), so every file is exactly what the pinned frontend saves. Run it again after changing a graph:
 
-    .venv/bin/python tests/e2e/export_workflow.py
+    .venv/bin/python tests/e2e/export_workflow.py            # every workflow
+    .venv/bin/python tests/e2e/export_workflow.py NAME ...   # only these
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 import tempfile
 import uuid
@@ -16,110 +19,147 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_support import (  # noqa: E402
+    ARTIFACTS,
     BUILD_GRAPH_JS,
+    MODEL_LOADERS,
     WORKFLOW_DIR,
     launch_chromium,
     open_app,
     start_server,
     stop_server,
 )
-
-NAME = "anchor_attention_basic"
-CHECKPOINT = "sd_xl_base_1.0.safetensors"
-NOTE = """Spectral Anchor Attention: the basics
-
-One prompt, a batch of 4: the first 2 images are anchors, and every image also attends to the anchors' keys
-and values in the UNet's self-attention, so the fox keeps the same look across the batch.
-
-- anchors: how many of the first images are anchors (2, the research default). Keep it below the batch size.
-- layers: decoder = the UNet's output blocks (ConsiStory's choice). More layers: more identity, more background
-  leaking between images.
-- start_percent 0.01: the first step stays plain so every image lays itself out freely.
-- end_percent 1.0: share until the end. At or below start_percent sharing is off.
-- key_spectrum / value_spectrum (unconnected here): spectral filters for the anchors' keys and values.
-
-The badge above the attention node shows anchors N of the batch and warns about settings that do nothing.
-Put your SDXL checkpoint in the loader. Swap the prompt for Spectral Story Prompts to give every image its own
-scene."""
-
-# Nodes: (key, type, position, size or None, {widget: value}); links: (from key, output, to key, input).
-NODES = [
-    ("note", "Note", [40, 40], [420, 420], {"text": NOTE}),
-    ("loader", "CheckpointLoaderSimple", [40, 500], None, {"ckpt_name": CHECKPOINT}),
-    ("attention", "SpectralAnchorAttention", [500, 40], None,
-     {"anchors": 2, "layers": "decoder", "start_percent": 0.01, "end_percent": 1.0}),
-    ("positive", "CLIPTextEncode", [500, 420], [400, 160],
-     {"text": "a photo of a red fox wearing a blue scarf, sitting in a cozy library, cinematic, highly detailed"}),
-    ("negative", "CLIPTextEncode", [500, 620], [400, 140], {"text": "blurry, lowres, deformed, watermark, text"}),
-    ("latent", "EmptyLatentImage", [500, 800], None, {"width": 1024, "height": 1024, "batch_size": 4}),
-    ("sampler", "KSampler", [960, 260], None,
-     {"seed": 42, "control_after_generate": "fixed", "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
-      "scheduler": "karras", "denoise": 1.0}),
-    ("decode", "VAEDecode", [1320, 260], None, {}),
-    ("save", "SaveImage", [1540, 260], [360, 420], {"filename_prefix": "spectral_anchors/anchor_attention_basic"}),
-]
-LINKS = [
-    ("loader", "MODEL", "attention", "model"),
-    ("attention", "MODEL", "sampler", "model"),
-    ("loader", "CLIP", "positive", "clip"),
-    ("loader", "CLIP", "negative", "clip"),
-    ("positive", "CONDITIONING", "sampler", "positive"),
-    ("negative", "CONDITIONING", "sampler", "negative"),
-    ("latent", "LATENT", "sampler", "latent_image"),
-    ("sampler", "LATENT", "decode", "samples"),
-    ("loader", "VAE", "decode", "vae"),
-    ("decode", "IMAGE", "save", "images"),
-]
+from workflow_graphs import WORKFLOWS, WorkflowGraph  # noqa: E402
 
 # A clean canvas for the thumbnail: no minimap, no render statistics, no menus (focus mode).
 CLEAN_CANVAS_JS = """
 async () => {
   await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
   await app.extensionManager.setting.set('Comfy.Graph.CanvasInfo', false);
+  // Draw text at every zoom: the thumbnails of the bigger graphs are taken zoomed out, below the level at which
+  // the canvas would otherwise switch to text-less boxes.
+  await app.extensionManager.setting.set('LiteGraph.Canvas.MinFontSizeForLOD', 0);
   await app.extensionManager.command.execute('Workspace.ToggleFocusMode');
 }
 """
 
+# Groups (titled frames on the canvas) for the graph just built: [title, [x, y, w, h], colour].
+ADD_GROUPS_JS = """
+(groups) => {
+  for (const [title, bounding, color] of groups) {
+    const group = new LiteGraph.LGraphGroup(title);
+    group.pos = [bounding[0], bounding[1]];
+    group.size = [bounding[2], bounding[3]];
+    if (color) group.color = color;
+    app.graph.add(group);
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+# The view: fit = every node and group inside the window, centred, with a margin (for the thumbnail); otherwise the
+# top-left corner of the graph (the overview note) at the given scale, where text is still drawn (for the saved file).
+SET_VIEW_JS = """
+({margin, scale}) => {
+  const boxes = [...app.graph.nodes.map((n) => n.boundingRect), ...app.graph.groups.map((g) => g._bounding)];
+  const left = Math.min(...boxes.map((b) => b[0])), top = Math.min(...boxes.map((b) => b[1]));
+  const right = Math.max(...boxes.map((b) => b[0] + b[2])), bottom = Math.max(...boxes.map((b) => b[1] + b[3]));
+  const width = app.canvas.canvas.clientWidth, height = app.canvas.canvas.clientHeight;
+  if (scale === null) {
+    const fit = Math.min((width - 2 * margin) / (right - left), (height - 2 * margin) / (bottom - top), 1);
+    app.canvas.ds.scale = Math.floor(fit * 100) / 100;
+    app.canvas.ds.offset = [Math.round((width / app.canvas.ds.scale - (right - left)) / 2 - left),
+                            Math.round((height / app.canvas.ds.scale - (bottom - top)) / 2 - top)];
+  } else {
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [Math.round(margin / scale - left), Math.round(margin / scale - top)];
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+"""
+
+THUMBNAIL_SIZE = (800, 500)
+VIEW_MARGIN = 24
+# The saved view of the bigger graphs: readable at once (the canvas hides text below about 0.6), overview note first.
+OPENING_SCALE = 0.65
+
+
+def model_files(graphs: list[WorkflowGraph]) -> set[tuple[str, str]]:
+    """(models/ folder, file name) of every file the graphs' loader nodes name (the first widget of each)."""
+    files = set()
+    for graph in graphs:
+        for _, node_type, _, _, widgets in graph.nodes:
+            if node_type in MODEL_LOADERS and widgets:
+                files.add((MODEL_LOADERS[node_type], next(iter(widgets.values()))))
+    return files
+
+
+def export(page: object, graph: WorkflowGraph, scratch: Path) -> tuple[Path, list[str]]:
+    """Build one graph in the page, save its JSON to workflows/, screenshot it; returns the screenshot, errors."""
+    # A stable id per workflow name, so re-exporting gives the same file.
+    graph_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"spectral-anchors/workflows/{graph.name}"))
+    scale, offset = graph.view if graph.view else (1.0, [0, 0])
+    page.evaluate(BUILD_GRAPH_JS, {"nodes": graph.nodes, "links": graph.links, "graphId": graph_id,
+                                   "scale": scale, "offset": offset})
+    if graph.groups:
+        page.evaluate(ADD_GROUPS_JS, graph.groups)
+    if graph.view is None:
+        page.evaluate(SET_VIEW_JS, {"margin": VIEW_MARGIN, "scale": OPENING_SCALE})
+    # JSON.stringify in the page, as the frontend's Save does: it drops undefined fields, which Playwright would
+    # hand over as null (and the frontend's schema rejects those nulls).
+    workflow = json.loads(page.evaluate("() => JSON.stringify(app.graph.serialize())"))
+    WORKFLOW_DIR.mkdir(exist_ok=True)
+    (WORKFLOW_DIR / f"{graph.name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
+    if graph.view is None:
+        page.evaluate(SET_VIEW_JS, {"margin": VIEW_MARGIN, "scale": None})  # the whole graph in the thumbnail
+    page.page.wait_for_timeout(1000)
+    # The template browser shows <name>.jpg: the graph itself, as the frontend draws it.
+    shot = scratch / f"{graph.name}.png"
+    page.page.screenshot(path=str(shot))
+    return shot, page.take_errors()
+
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"workflows to export (default: all): {', '.join(WORKFLOWS)}")
+    names = parser.parse_args().names or list(WORKFLOWS)
+    unknown = [name for name in names if name not in WORKFLOWS]
+    if unknown:
+        parser.error(f"unknown workflow(s) {', '.join(unknown)}; known: {', '.join(WORKFLOWS)}")
+    graphs = [WORKFLOWS[name] for name in names]
+
+    from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    with tempfile.TemporaryDirectory(prefix="spectral-export-") as scratch:
-        base = Path(scratch) / "base"
-        base.mkdir()
-        (base / "models" / "checkpoints").mkdir(parents=True)
-        (base / "models" / "checkpoints" / CHECKPOINT).touch()
+    with tempfile.TemporaryDirectory(prefix="spectral-export-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        base = scratch / "base"
+        for folder, name in model_files(graphs):
+            (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (base / "models" / folder / name).touch()
         server = start_server(base)
+        report = {}
         try:
             with sync_playwright() as playwright:
-                context = launch_chromium(playwright, Path(scratch) / "profile")
+                context = launch_chromium(playwright, scratch / "profile")
                 try:
                     page = open_app(context, server)
                     page.take_errors()  # the frontend's own start-up noise (404s of a fresh user) is not ours
-                    # A stable id per workflow name, so re-exporting gives the same file.
-                    graph_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"spectral-anchors/workflows/{NAME}"))
                     page.evaluate(CLEAN_CANVAS_JS)
-                    page.evaluate(BUILD_GRAPH_JS, {"nodes": NODES, "links": LINKS, "graphId": graph_id,
-                                                   "scale": 0.8, "offset": [20, 90]})
-                    # JSON.stringify in the page, as the frontend's Save does: it drops undefined fields, which
-                    # Playwright would hand over as null (and the frontend's schema rejects those nulls).
-                    workflow = json.loads(page.evaluate("() => JSON.stringify(app.graph.serialize())"))
-                    page.page.wait_for_timeout(1000)
-                    WORKFLOW_DIR.mkdir(exist_ok=True)
-                    (WORKFLOW_DIR / f"{NAME}.json").write_text(json.dumps(workflow, indent=2) + "\n")
-                    # The template browser shows <name>.jpg: the graph itself, as the frontend draws it.
-                    shot = Path(scratch) / "graph.png"
-                    page.page.screenshot(path=str(shot))
-                    errors = page.take_errors()
+                    for graph in graphs:
+                        shot, errors = export(page, graph, scratch)
+                        ARTIFACTS.mkdir(exist_ok=True)  # the full-size screenshot, to review the layout
+                        shutil.copyfile(shot, ARTIFACTS / f"export-{graph.name}.png")
+                        with Image.open(shot) as image:
+                            image.convert("RGB").resize(THUMBNAIL_SIZE, Image.LANCZOS).save(
+                                WORKFLOW_DIR / f"{graph.name}.jpg", quality=85)
+                        report[graph.name] = errors
                 finally:
                     context.close()
         finally:
             stop_server(server)
-        from PIL import Image
-
-        with Image.open(shot) as image:
-            image.convert("RGB").resize((800, 500), Image.LANCZOS).save(WORKFLOW_DIR / f"{NAME}.jpg", quality=85)
-    print(f"wrote {WORKFLOW_DIR / NAME}.json and .jpg; page errors: {errors or 'none'}")
+    for name, errors in report.items():
+        print(f"wrote {WORKFLOW_DIR / name}.json and .jpg; page errors: {errors or 'none'}")
 
 
 if __name__ == "__main__":

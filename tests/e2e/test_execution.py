@@ -17,15 +17,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_support import LOAD_WORKFLOW_JS, AppPage, ComfyServer, graph_to_prompt, workflow_paths
+from build_sdxl_checkpoint import DEFAULT_OUTPUT
+from e2e_support import ARTIFACTS, LOAD_WORKFLOW_JS, AppPage, ComfyServer, graph_to_prompt, workflow_paths
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from build_sdxl_checkpoint import DEFAULT_OUTPUT  # noqa: E402
+BUILDER = Path(__file__).resolve().parent / "build_sdxl_checkpoint.py"
 
 MIN_AVAILABLE_BYTES = 16 * 2**30
-# SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint).
+# SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint). Each must
+# save its batch with SaveImage, one image per batch item.
 EXECUTED_WORKFLOWS = ("spectral_character_sheet_sdxl", "anchor_attention_basic")
 CHECKPOINT_NAME = "spectral_anchors_e2e_random_sdxl.safetensors"
 SIZE, STEPS, BATCH = 128, 2, 3  # 128 px = a 16x16 latent, the smallest that keeps SDXL's three token grids
@@ -44,7 +44,7 @@ def sdxl_checkpoint(comfy_server: ComfyServer) -> Iterator[Path]:
                     f"this machine has {available / 2**30:.1f} GiB available")
     if not DEFAULT_OUTPUT.exists():
         # A subprocess, so the builder's memory is returned before the server loads the checkpoint.
-        subprocess.run([sys.executable, str(HERE / "build_sdxl_checkpoint.py")], check=True, timeout=1500)
+        subprocess.run([sys.executable, str(BUILDER)], check=True, timeout=1500)
     comfy_server.model_file("checkpoints", CHECKPOINT_NAME, target=DEFAULT_OUTPUT)
     yield DEFAULT_OUTPUT
     # Hand the ~13 GB back to the machine for the rest of the suite.
@@ -91,8 +91,10 @@ def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPag
     for node_id in savers:
         images = entry["outputs"][node_id]["images"]
         assert len(images) == batch, f"SaveImage {node_id} saved {len(images)} images for a batch of {batch}"
-        for record in images:
+        for number, record in enumerate(images):
             path = comfy_server.base / "output" / record["subfolder"] / record["filename"]
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / f"run-{workflow_path.stem}-{node_id}-{number}.png").write_bytes(path.read_bytes())
             with Image.open(path) as image:
                 assert image.size == (SIZE, SIZE)
                 # Random weights give noise, but NaNs anywhere in the pipeline would give a flat black image.

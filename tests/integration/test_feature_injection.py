@@ -12,7 +12,6 @@ import pytest
 import torch
 from comfy_harness import conditioning, tiny_model
 
-from spectral_anchors.attention.correspondence import dense_correspondence
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection import (
@@ -26,7 +25,9 @@ from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjecti
 from spectral_anchors.nodes.sampling_run import RUN_KEY, call_of
 from spectral_anchors.nodes.story import Story
 
-LATENT = (16, 24)  # non-square: SDXL-tiny's finest attention grid is 8x12, SD1.5-tiny's 16x24
+# Non-square latents whose finest attention grid is 8x12 in both families (SDXL-tiny attends from 1/2 of the
+# latent grid on, SD1.5-tiny from the latent grid itself).
+LATENT = {"sdxl": (16, 24), "sd15": (8, 12)}
 IMAGES = 3  # two anchors and one target
 STEPS = 10
 
@@ -43,13 +44,13 @@ def prompts(family, images=IMAGES):
     return conditioning(family, images, 1), conditioning(family, 1, 99)
 
 
-def run(model, family, cfg=5.0, images=IMAGES, size=LATENT, steps=STEPS, trace=None):
+def run(model, family, cfg=5.0, images=IMAGES, size=None, steps=STEPS, trace=None):
     """Sample like the stock KSampler; `trace` collects (step, denoised, x) of every progress callback.
 
     The sampler calls back after step i's model call and before its update: x is the input of step i.
     """
     positive, negative = prompts(family, images)
-    latent = torch.zeros(images, 4, *size)
+    latent = torch.zeros(images, 4, *(size or LATENT[family]))
     noise = comfy.sample.prepare_noise(latent, 3)
     callback = None if trace is None else (lambda step, x0, x, total: trace.append((step, x0.clone(), x.clone())))
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
@@ -286,3 +287,32 @@ def test_node_schema_registration_and_errors(model):
     patched = injection(model)
     assert patched is not model and patched.get_attachment(SETTINGS_KEY).strength == 0.8
     assert model.get_attachment(SETTINGS_KEY) is None  # the input MODEL is untouched
+
+
+def test_custom_sampler_path_with_an_sde_sampler_keeps_the_first_pass_exact(model, family):
+    """SamplerCustomAdvanced path (a guider, a sampler object, sigmas); dpmpp_2m_sde draws Brownian noise over
+    the whole schedule, so a first pass on a shortened schedule would diverge from step 1 on."""
+    positive, negative = prompts(family)
+    latent = torch.zeros(IMAGES, 4, *LATENT[family])
+    noise = comfy.sample.prepare_noise(latent, 3)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", STEPS)
+
+    def sample_custom(patched):
+        trace = []
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(4.0)
+        out = guider.sample(noise, latent, comfy.samplers.sampler_object("dpmpp_2m_sde"), sigmas,
+                            callback=lambda step, x0, x, total: trace.append((step, x.clone())), disable_pbar=True,
+                            seed=3)
+        return out, trace
+
+    shared = attention(model)
+    plain, plain_trace = sample_custom(shared)
+    probe, patched = probed(shared, model)
+    out, trace = sample_custom(patched)
+    k = feature_step(model.get_model_object("model_sampling"), sigmas.tolist(), 261)
+    assert [entry[0] for entry in trace] == list(range(k)) + list(range(STEPS))
+    assert all(torch.equal(trace[step][1], plain_trace[step][1]) for step in range(k))
+    assert any(call["changed"] for call in probe.calls) and all(call["exact"] for call in probe.calls)
+    assert not torch.equal(out, plain)

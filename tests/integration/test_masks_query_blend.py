@@ -136,8 +136,9 @@ def from_a_sharing_layer(options) -> bool:
 
 
 class ExtendedKeySpy:
-    """optimized_attention_override: per (step, chunk kind, grid tokens) the key lengths of extended calls, and
-    the mask counts the run's mask state holds at that moment."""
+    """optimized_attention_override on the sharing layers' calls: step, chunks, grid tokens, key length, the mask
+    counts the run's mask state holds at that moment and the query-blending pass, split into extended calls
+    (more keys than queries) and plain ones."""
 
     def __init__(self):
         self.extended = []  # calls with more keys than queries: the sharing ones
