@@ -96,8 +96,8 @@ def tiny_model_steps() -> None:
     print(f"tiny SDXL-architecture UNet, batch {BATCH}, {ANCHORS} anchors, cfg 5, {steps} Euler steps, decoder layers")
     for height, width in ((32, 32), (64, 64)):
         latent = torch.zeros(BATCH, 4, height, width)
-        plain = median_time(lambda: sample(model, positive, negative, latent, steps=steps), 3) / steps
-        shared = median_time(lambda: sample(patched, positive, negative, latent, steps=steps), 3) / steps
+        plain, shared = (median_time(lambda m=m, x=latent: sample(m, positive, negative, x, steps=steps), 3) / steps
+                         for m in (model, patched))
         print(f"  latent {height}x{width}: {plain * 1e3:7.1f} ms/step plain, {shared * 1e3:7.1f} ms/step shared, "
               f"ratio {shared / plain:.2f}")
 
@@ -114,7 +114,8 @@ def sdxl_layers() -> None:
         extended = median_time(layer_run("extended", tokens, channels, heads), 3)
         ratio = extended / plain
         plain_mib, extended_mib = peak_extra_memory_mib(tokens, channels, heads)
-        print(f"  N={tokens} C={channels} heads={heads}: plain {plain * 1e3:7.0f} ms, extended {extended * 1e3:7.0f} ms, "
+        print(f"  N={tokens} C={channels} heads={heads}: plain {plain * 1e3:7.0f} ms, "
+              f"extended {extended * 1e3:7.0f} ms, "
               f"ratio {ratio:.2f} ({ratio / expected:.2f}x the FLOP ratio); peak memory of the call "
               f"{plain_mib:.0f} MiB plain, {extended_mib:.0f} MiB extended (+{extended_mib - plain_mib:.0f} MiB)")
 

@@ -31,6 +31,7 @@ def boot_comfy() -> Path:
         import comfy.model_management  # noqa: F401  (reads the arguments at import)
         import utils.extra_config  # noqa: F401  (must precede nodes: nodes puts comfy/ first on sys.path)
         import utils.install_util  # noqa: F401
+
         import nodes  # noqa: F401
     finally:
         sys.argv = saved_argv
@@ -84,10 +85,9 @@ TINY_SD15 = {
 
 def tiny_model(family: str = "sdxl", seed: int = 0):
     """A ModelPatcher around a tiny SDXL- or SD1.5-architecture UNet (about 4.5 M parameters)."""
-    import torch
-
     import comfy.model_patcher
     import comfy.supported_models
+    import torch
 
     if family == "sdxl":
         config = comfy.supported_models.SDXL(dict(TINY_SDXL))
@@ -132,11 +132,10 @@ def sample(model, positive, negative, latent, seed: int = 0, steps: int = 3, cfg
 
 def tiny_controlnet(seed: int = 3):
     """A ComfyUI ControlNet (comfy.cldm) shaped for the tiny SDXL UNet, with seeded weights."""
-    import torch
-
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
+    import torch
 
     unet_only = ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")
     config = {key: value for key, value in TINY_SDXL.items() if key not in unet_only}

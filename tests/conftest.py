@@ -1,5 +1,4 @@
 import pytest
-
 from comfy_harness import boot_comfy, load_pack
 
 boot_comfy()

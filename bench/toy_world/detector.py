@@ -1,10 +1,12 @@
 """The benchmark's own detector and metrics, computed from latents (generated or from the world).
 
 Detector, per image:
-- subject: channel 0 above world.SUBJECT_THRESHOLD, largest 4-connected component, present if it covers at least
-  half the smallest subject the world draws; its size (sqrt of area) and centre give the pose;
-- appearance: the subject's pixels split into two colours (2-means), the larger cluster is the body colour, the
-  smaller the pattern colour; the smaller cluster's extent inside the subject's bounding box gives the pattern kind;
+- subject: channel 0 above world.SUBJECT_THRESHOLD; every 4-connected component covering at least half the smallest
+  square the world draws is an instance; present if there is one; the largest instance's size (sqrt of area) and
+  centre give the pose;
+- appearance: the pixels of all instances split into two colours (2-means, median of each cluster's core pixels),
+  the larger cluster is the body colour, the smaller the pattern colour; the smaller cluster's extent inside the
+  largest instance's bounding box gives the pattern kind;
 - scene: background features (mean colour on channels 1-3 and, per scene, the best normalised correlation with
   that scene's tile over all offsets), nearest scene centroid (centroids measured on world samples).
 
@@ -37,13 +39,14 @@ APPEARANCE_DIMS = 8
 class Detection:
     present: bool
     area: int
-    centre: tuple[float, float]  # (row, column) as fractions of the image size
-    side: float  # sqrt(area) / image size
+    centre: tuple[float, float]  # (row, column) of the largest instance, as fractions of the image size
+    side: float  # sqrt(area) / image size of the largest instance
     body: np.ndarray  # [4]
     pattern_colour: np.ndarray  # [4]
     pattern: int  # index into world.PATTERN_NAMES, -1 when absent
     features: np.ndarray  # scene features
     scene: int  # predicted scene
+    instances: int  # separate subject components found
 
     @property
     def appearance(self) -> np.ndarray:
@@ -133,30 +136,33 @@ class Detector:
         self.centroids = np.stack([features[scenes.numpy() == s].mean(axis=0) for s in range(len(world.SCENE_NAMES))])
 
     def _features_and_subject(self, image: Tensor):
+        """(scene features, subject mask, largest instance mask, present)."""
         image = image.float().cpu()
         above = (image[0] > world.SUBJECT_THRESHOLD).numpy()
         labels, count = ndimage.label(above)
+        subject = np.zeros_like(above)
+        largest = np.zeros_like(above)
         if count:
-            sizes = ndimage.sum(above, labels, index=range(1, count + 1))
-            component = labels == (int(np.argmax(sizes)) + 1)
-        else:
-            component = np.zeros_like(above)
-        present = bool(component.sum() >= self.min_area)
-        subject = component if present else np.zeros_like(above)
+            sizes = np.asarray(ndimage.sum(above, labels, index=range(1, count + 1)))
+            for index in np.nonzero(sizes >= self.min_area)[0]:
+                subject |= labels == index + 1
+            if sizes.max() >= self.min_area:
+                largest = labels == int(np.argmax(sizes)) + 1
+        present = bool(subject.any())
         # The background excludes the subject and a one-pixel ring around it (blurred edges are neither).
         background = ~ndimage.binary_dilation(subject | above, iterations=1)
         if background.sum() < 8:
             background = ~subject
-        return scene_features(image, torch.from_numpy(background)), subject, present
+        return scene_features(image, torch.from_numpy(background)), subject, largest, present
 
     def detect(self, image: Tensor) -> Detection:
-        features, subject, present = self._features_and_subject(image)
+        features, subject, largest, present = self._features_and_subject(image)
         scene = int(np.argmin(((self.centroids - features) ** 2).sum(axis=1)))
         if not present:
             empty = np.zeros(4)
-            return Detection(False, 0, (math.nan, math.nan), 0.0, empty, empty, -1, features, scene)
+            return Detection(False, 0, (math.nan, math.nan), 0.0, empty, empty, -1, features, scene, 0)
         array = image.float().cpu().numpy()
-        pixels = array[:, subject].T  # [n, 4]
+        pixels = array[:, subject].T  # [n, 4], every instance: they share one appearance
         labels, _, _ = _two_means(pixels)
         body_label = 0 if (labels == 0).sum() >= (labels == 1).sum() else 1
         rows, cols = np.nonzero(subject)
@@ -164,14 +170,17 @@ class Detector:
         label_map[rows, cols] = labels
         body = _core_colour(array, label_map, body_label)
         pattern_colour = _core_colour(array, label_map, 1 - body_label)
+        # Pose and pattern kind from the largest instance.
+        rows, cols = np.nonzero(largest)
         top, left = rows.min(), cols.min()
         box = np.zeros((rows.max() - top + 1, cols.max() - left + 1), dtype=bool)
-        minority = rows[labels != body_label] - top, cols[labels != body_label] - left
-        box[minority] = True
-        area = int(subject.sum())
+        minority = (label_map[rows, cols] != body_label)
+        box[rows[minority] - top, cols[minority] - left] = True
+        area = int(largest.sum())
         centre = (float(rows.mean() + 0.5) / self.size, float(cols.mean() + 0.5) / self.size)
+        instances = int(ndimage.label(subject)[1])
         return Detection(True, area, centre, math.sqrt(area) / self.size, body, pattern_colour, _pattern_kind(box),
-                         features, scene)
+                         features, scene, instances)
 
     def detect_batch(self, latents: Tensor) -> list[Detection]:
         return [self.detect(image) for image in latents]
@@ -224,20 +233,24 @@ def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
     present = batch.present.numpy()
     found = np.array([d.present for d in detections])
     scene_ok = np.array([d.scene == int(s) for d, s in zip(detections, batch.scenes, strict=True)])
-    both = present & found
-    colour_errors, pattern_ok, centre_errors = [], [], []
-    for i in np.nonzero(both)[0]:
+    colour_errors, pattern_ok, centre_errors, ious = [], [], [], []
+    for i in np.nonzero(present & found)[0]:
         d = detections[i]
         truth = np.concatenate([batch.body[i].numpy(), batch.pattern_colour[i].numpy()])
         colour_errors.append(float(np.sqrt(np.mean((d.appearance - truth) ** 2))))
         pattern_ok.append(d.pattern == int(batch.pattern[i]))
-        side = int(batch.side[i])
-        true_centre = ((int(batch.top[i]) + side / 2) / detector.size, (int(batch.left[i]) + side / 2) / detector.size)
-        centre_errors.append(math.dist(d.centre, true_centre))
+        centres = [((int(batch.top[i, k]) + int(batch.side[i, k]) / 2) / detector.size,
+                    (int(batch.left[i, k]) + int(batch.side[i, k]) / 2) / detector.size)
+                   for k in range(batch.side.shape[1])]
+        centre_errors.append(min(math.dist(d.centre, c) for c in centres))
+        mask = detector._features_and_subject(batch.latents[i])[1]
+        truth_mask = batch.subject_mask[i].numpy()
+        ious.append(float((mask & truth_mask).sum() / max(1, (mask | truth_mask).sum())))
     return {
         "presence_accuracy": float(np.mean(found == present)),
         "scene_accuracy": float(scene_ok.mean()),
         "appearance_rms_error": _nanmean(colour_errors),
         "pattern_accuracy": _nanmean([float(x) for x in pattern_ok]),
         "centre_error": _nanmean(centre_errors),
+        "mask_iou": _nanmean(ious),
     }

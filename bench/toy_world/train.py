@@ -34,7 +34,7 @@ DEFAULTS = {
     "size": 24,
     "model_channels": 32,
     "batch": 16,
-    "steps": 1200,
+    "steps": 1400,
     "lr": 1.5e-3,
     "warmup": 50,
     "final_lr_fraction": 0.05,

@@ -7,10 +7,10 @@ detector find a subject reliably even when a generated texture is blurred. Chann
 - Scene (named by the conditioning): a scene colour plus a small random tile, repeated over the whole image with
   a random offset per image. The tiles are fine, high-rank detail (every token of the background differs from its
   neighbours), so the anchors' key/value spectra get tails where background lives.
-- Subject (present iff the subject token is in the prompt): a square of random side and position whose body colour
-  and pattern colour are random and NOT in the conditioning; its pattern is one of three kinds (horizontal stripe,
-  vertical stripe, central spot), also not in the conditioning. Consistency across a batch can therefore only come
-  from sharing between images.
+- Subject (present iff the subject token is in the prompt): a pair of identical squares (INSTANCES), each of random
+  side and position (never touching), whose body colour and pattern colour are random and NOT in the
+  conditioning; the pattern is one of three kinds (horizontal stripe, vertical stripe, central spot), also not in
+  the conditioning. Consistency across a batch can therefore only come from sharing between images.
 
 The world is defined by fixed seeds: the same (seed, size) always gives the same images.
 """
@@ -47,6 +47,11 @@ SUBJECT_THRESHOLD = 0.0  # channel 0 above this is subject (backgrounds stay bel
 WORLD_SEED = 20250
 
 SUBJECT_PRESENT_PROBABILITY = 0.7
+# The subject comes as a pair of identical instances (same colours, same pattern kind; own size and place). Like the
+# repeated structures of natural images, this is what teaches the model's self-attention to carry appearance
+# between distant tokens of the same thing, the mechanism anchor sharing relies on: with a single instance a tiny
+# model decides a subject's colour from local convolutions alone and sharing has nothing to act through.
+INSTANCES = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class WorldSpec:
     @property
     def side_range(self) -> tuple[int, int]:
         """Inclusive range of the subject's side length in latent pixels."""
-        return max(4, round(self.size * 0.25)), max(5, round(self.size * 0.42))
+        return max(4, round(self.size * 0.21)), max(5, round(self.size * 0.38))
 
 
 def scene_tiles() -> list[Tensor]:
@@ -95,13 +100,13 @@ class WorldBatch:
     latents: Tensor  # [B, 4, H, W] in model space
     scenes: Tensor  # [B] scene index
     present: Tensor  # [B] bool
-    subject_mask: Tensor  # [B, H, W] bool
+    subject_mask: Tensor  # [B, H, W] bool, both instances
     body: Tensor  # [B, 4] body colour (zeros when absent)
     pattern_colour: Tensor  # [B, 4]
     pattern: Tensor  # [B] pattern index (-1 when absent)
-    top: Tensor  # [B]
-    left: Tensor  # [B]
-    side: Tensor  # [B]
+    top: Tensor  # [B, INSTANCES]
+    left: Tensor  # [B, INSTANCES]
+    side: Tensor  # [B, INSTANCES] (0 when absent)
 
 
 def _subject_colours(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -139,6 +144,25 @@ def pattern_mask(kind: int, side: int) -> Tensor:
     return mask
 
 
+def _place(size: int, sides: Tensor, unit: Tensor) -> tuple[list[int], list[int]]:
+    """Top-left corners of the instances: the first from its uniform draw, each next one moved along a fixed
+    deterministic sequence of candidate spots until it keeps a gap of at least one pixel to the ones before."""
+    tops, lefts = [], []
+    for index, side in enumerate(sides.tolist()):
+        span = size - side + 1
+        for attempt in range(64):
+            u = (float(unit[index, 0]) + attempt * 0.618034) % 1.0
+            v = (float(unit[index, 1]) + attempt * 0.381966) % 1.0
+            top, left = int(u * span), int(v * span)
+            clear = all(top > t + s or t > top + side or left > lf + s or lf > left + side
+                        for t, lf, s in zip(tops, lefts, sides.tolist()[:index], strict=True))
+            if clear:
+                break
+        tops.append(top)
+        lefts.append(left)
+    return tops, lefts
+
+
 def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor | None = None,
              present: Tensor | None = None) -> WorldBatch:
     """`count` world images of size x size. Scenes and presence are drawn unless given."""
@@ -150,31 +174,31 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
         present = torch.rand(count, generator=generator) < SUBJECT_PRESENT_PROBABILITY
     offsets = torch.randint(0, 64, (count, 2), generator=generator)
     low, high = spec.side_range
-    sides = torch.randint(low, high + 1, (count,), generator=generator)
-    unit = torch.rand(count, 2, generator=generator)
+    sides = torch.randint(low, high + 1, (count, INSTANCES), generator=generator)
+    unit = torch.rand(count, INSTANCES, 2, generator=generator)
     patterns = torch.randint(0, len(PATTERN_NAMES), (count,), generator=generator)
     body, pattern_colour = _subject_colours(count, generator)
 
     latents = torch.empty(count, CHANNELS, size, size)
     masks = torch.zeros(count, size, size, dtype=torch.bool)
-    tops = torch.zeros(count, dtype=torch.long)
-    lefts = torch.zeros(count, dtype=torch.long)
+    tops = torch.zeros(count, INSTANCES, dtype=torch.long)
+    lefts = torch.zeros(count, INSTANCES, dtype=torch.long)
     for i in range(count):
         scene = int(scenes[i])
         image = tiled(tiles[scene], size, int(offsets[i, 0]), int(offsets[i, 1])) + scene_colour(scene)[:, None, None]
         if present[i]:
-            side = int(sides[i])
-            top = int(unit[i, 0] * (size - side + 1))
-            left = int(unit[i, 1] * (size - side + 1))
-            tops[i], lefts[i] = top, left
-            inner = pattern_mask(int(patterns[i]), side)
-            square = torch.where(inner[None], pattern_colour[i][:, None, None], body[i][:, None, None])
-            image[:, top:top + side, left:left + side] = square
-            masks[i, top:top + side, left:left + side] = True
+            placed_tops, placed_lefts = _place(size, sides[i], unit[i])
+            for k in range(INSTANCES):
+                side, top, left = int(sides[i, k]), placed_tops[k], placed_lefts[k]
+                tops[i, k], lefts[i, k] = top, left
+                inner = pattern_mask(int(patterns[i]), side)
+                square = torch.where(inner[None], pattern_colour[i][:, None, None], body[i][:, None, None])
+                image[:, top:top + side, left:left + side] = square
+                masks[i, top:top + side, left:left + side] = True
         latents[i] = image
     absent = ~present
     body = torch.where(absent[:, None], torch.zeros_like(body), body)
     pattern_colour = torch.where(absent[:, None], torch.zeros_like(pattern_colour), pattern_colour)
     return WorldBatch(latents=latents, scenes=scenes, present=present, subject_mask=masks, body=body,
                       pattern_colour=pattern_colour, pattern=torch.where(present, patterns, -1), top=tops,
-                      left=lefts, side=torch.where(present, sides, 0))
+                      left=lefts, side=torch.where(present[:, None], sides, 0))

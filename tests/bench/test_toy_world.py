@@ -64,6 +64,7 @@ def test_detector_recovers_world_ground_truth(one_thread):
     assert clean["appearance_rms_error"] < 0.01
     assert clean["pattern_accuracy"] >= 0.98
     assert clean["centre_error"] < 0.01
+    assert clean["mask_iou"] > 0.99
     # Generated latents are never exact: with noise on top, the detector still reads the same world.
     noisy_latents = batch.latents + 0.15 * torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
     noisy = validate(detector, world.WorldBatch(**{**batch.__dict__, "latents": noisy_latents}))
@@ -71,6 +72,7 @@ def test_detector_recovers_world_ground_truth(one_thread):
     assert noisy["scene_accuracy"] >= 0.97
     assert noisy["appearance_rms_error"] < 0.1
     assert noisy["pattern_accuracy"] >= 0.9
+    assert noisy["mask_iou"] > 0.95
 
 
 def test_story_metrics_measure_copying_and_leakage(one_thread):
@@ -90,10 +92,12 @@ def test_story_metrics_measure_copying_and_leakage(one_thread):
     copied = independent.latents.clone()
     body, pattern_colour = independent.body[0], independent.pattern_colour[0]
     for target in range(1, 6):
-        top, left, side = (int(independent.top[target]), int(independent.left[target]), int(independent.side[target]))
-        inner = world.pattern_mask(int(independent.pattern[0]), side)
-        copied[target, :, top:top + side, left:left + side] = torch.where(
-            inner[None], pattern_colour[:, None, None], body[:, None, None])
+        for instance in range(world.INSTANCES):
+            top, left, side = (int(independent.top[target, instance]), int(independent.left[target, instance]),
+                               int(independent.side[target, instance]))
+            inner = world.pattern_mask(int(independent.pattern[0]), side)
+            copied[target, :, top:top + side, left:left + side] = torch.where(
+                inner[None], pattern_colour[:, None, None], body[:, None, None])
     assert story_metrics(detector, independent.latents, scenes.tolist(), 1)["consistency_distance"] > 0.3
     same = story_metrics(detector, copied, scenes.tolist(), 1)
     assert same["consistency_distance"] < 1e-4

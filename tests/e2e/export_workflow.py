@@ -42,6 +42,13 @@ async () => {
 }
 """
 
+# Titles for nodes of the graph just built: {node id: title}.
+SET_TITLES_JS = """
+(titles) => {
+  for (const [id, title] of Object.entries(titles)) app.graph.getNodeById(Number(id)).title = title;
+}
+"""
+
 # Groups (titled frames on the canvas) for the graph just built: [title, [x, y, w, h], colour].
 ADD_GROUPS_JS = """
 (groups) => {
@@ -60,6 +67,7 @@ ADD_GROUPS_JS = """
 # top-left corner of the graph (the overview note) at the given scale, where text is still drawn (for the saved file).
 SET_VIEW_JS = """
 ({margin, scale}) => {
+  const OPENING_MARGIN = [90, 130];
   const boxes = [...app.graph.nodes.map((n) => n.boundingRect), ...app.graph.groups.map((g) => g._bounding)];
   const left = Math.min(...boxes.map((b) => b[0])), top = Math.min(...boxes.map((b) => b[1]));
   const right = Math.max(...boxes.map((b) => b[0] + b[2])), bottom = Math.max(...boxes.map((b) => b[1] + b[3]));
@@ -70,8 +78,9 @@ SET_VIEW_JS = """
     app.canvas.ds.offset = [Math.round((width / app.canvas.ds.scale - (right - left)) / 2 - left),
                             Math.round((height / app.canvas.ds.scale - (bottom - top)) / 2 - top)];
   } else {
+    // Clear of the frontend's side bar and tab bar, which overlap the canvas.
     app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [Math.round(margin / scale - left), Math.round(margin / scale - top)];
+    app.canvas.ds.offset = [Math.round(OPENING_MARGIN[0] / scale - left), Math.round(OPENING_MARGIN[1] / scale - top)];
   }
   app.graph.setDirtyCanvas(true, true);
 }
@@ -87,7 +96,7 @@ def model_files(graphs: list[WorkflowGraph]) -> set[tuple[str, str]]:
     """(models/ folder, file name) of every file the graphs' loader nodes name (the first widget of each)."""
     files = set()
     for graph in graphs:
-        for _, node_type, _, _, widgets in graph.nodes:
+        for _, node_type, _, _, widgets, *_ in graph.nodes:
             if node_type in MODEL_LOADERS and widgets:
                 files.add((MODEL_LOADERS[node_type], next(iter(widgets.values()))))
     return files
@@ -98,8 +107,11 @@ def export(page: object, graph: WorkflowGraph, scratch: Path) -> tuple[Path, lis
     # A stable id per workflow name, so re-exporting gives the same file.
     graph_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"spectral-anchors/workflows/{graph.name}"))
     scale, offset = graph.view if graph.view else (1.0, [0, 0])
-    page.evaluate(BUILD_GRAPH_JS, {"nodes": graph.nodes, "links": graph.links, "graphId": graph_id,
-                                   "scale": scale, "offset": offset})
+    ids = page.evaluate(BUILD_GRAPH_JS, {"nodes": [node[:5] for node in graph.nodes], "links": graph.links,
+                                         "graphId": graph_id, "scale": scale, "offset": offset})
+    titles = {ids[node[0]]: node[5] for node in graph.nodes if len(node) > 5}
+    if titles:
+        page.evaluate(SET_TITLES_JS, titles)
     if graph.groups:
         page.evaluate(ADD_GROUPS_JS, graph.groups)
     if graph.view is None:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from build_sdxl_checkpoint import DEFAULT_OUTPUT
@@ -25,7 +26,7 @@ BUILDER = Path(__file__).resolve().parent / "build_sdxl_checkpoint.py"
 
 MIN_AVAILABLE_BYTES = 16 * 2**30
 # SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint). Each must
-# save its batch with SaveImage, one image per batch item.
+# save its batch with SaveImage, one image per batch item (a SaveImage of core's Image Grid saves one sheet).
 EXECUTED_WORKFLOWS = ("spectral_character_sheet_sdxl", "anchor_attention_basic")
 CHECKPOINT_NAME = "spectral_anchors_e2e_random_sdxl.safetensors"
 SIZE, STEPS, BATCH = 128, 2, 3  # 128 px = a 16x16 latent, the smallest that keeps SDXL's three token grids
@@ -52,7 +53,8 @@ def sdxl_checkpoint(comfy_server: ComfyServer) -> Iterator[Path]:
 
 
 def reduce_prompt(prompt: dict) -> int:
-    """Point the loader at the random checkpoint and shrink size, steps and batch in place; returns the batch size."""
+    """Point the loader at the random checkpoint and shrink size, steps and batch in place (a story keeps its first
+    BATCH scenes); returns the batch size."""
     batch = None
     for node in prompt.values():
         inputs, class_type = node["inputs"], node["class_type"]
@@ -64,9 +66,29 @@ def reduce_prompt(prompt: dict) -> int:
         if class_type == "EmptyLatentImage":
             inputs["batch_size"] = batch = BATCH
         elif class_type == "SpectralStoryPrompts" and isinstance(inputs.get("scenes"), str):
-            batch = sum(1 for line in inputs["scenes"].splitlines() if line.strip())
+            scenes = [line for line in inputs["scenes"].splitlines() if line.strip()][:BATCH]
+            inputs["scenes"] = "\n".join(scenes)
+            batch = len(scenes)
     assert batch, "cannot tell the workflow's batch size (no EmptyLatentImage or SpectralStoryPrompts scenes)"
     return batch
+
+
+def image_source(prompt: dict, node_id: str) -> str:
+    """The id of the node feeding this node's `images` input."""
+    return str(prompt[node_id]["inputs"]["images"][0])
+
+
+def expected_saves(prompt: dict, saver_id: str, batch: int) -> tuple[int, tuple[int, int]]:
+    """How many images a SaveImage node writes, and their size: the batch at SIZE, or one sheet when it saves the
+    output of core's Image Grid (which tiles the batch into cells of its own size)."""
+    source = prompt[image_source(prompt, saver_id)]
+    if source["class_type"] != "ImageGrid":
+        return batch, (SIZE, SIZE)
+    grid = source["inputs"]
+    columns = min(grid["columns"], batch)
+    rows = -(-batch // grid["columns"])
+    return 1, (columns * grid["cell_width"] + (columns - 1) * grid["padding"],
+               rows * grid["cell_height"] + (rows - 1) * grid["padding"])
 
 
 @pytest.mark.timeout(2400)
@@ -88,15 +110,39 @@ def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPag
 
     savers = [node_id for node_id, node in output.items() if node["class_type"] == "SaveImage"]
     assert savers, "the workflow saves no image"
+    saved = {}
     for node_id in savers:
         images = entry["outputs"][node_id]["images"]
-        assert len(images) == batch, f"SaveImage {node_id} saved {len(images)} images for a batch of {batch}"
-        for number, record in enumerate(images):
-            path = comfy_server.base / "output" / record["subfolder"] / record["filename"]
+        count, size = expected_saves(output, node_id, batch)
+        assert len(images) == count, f"SaveImage {node_id} saved {len(images)} images, expected {count} (batch {batch})"
+        saved[node_id] = [comfy_server.base / "output" / record["subfolder"] / record["filename"] for record in images]
+        for number, path in enumerate(saved[node_id]):
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / f"run-{workflow_path.stem}-{node_id}-{number}.png").write_bytes(path.read_bytes())
             with Image.open(path) as image:
-                assert image.size == (SIZE, SIZE)
+                assert image.size == size
                 # Random weights give noise, but NaNs anywhere in the pipeline would give a flat black image.
                 extrema = image.convert("L").getextrema()
                 assert extrema[0] < extrema[1], f"{path.name} is one flat colour {extrema}"
+
+    # A sheet (SaveImage <- Image Grid <- Rebatch Images <- X) holds, cell by cell, the frames another SaveImage
+    # saved from the same X: the grid pastes each frame resized with Lanczos into its cell.
+    for node_id in savers:
+        grid_id = image_source(output, node_id)
+        if output[grid_id]["class_type"] != "ImageGrid":
+            continue
+        rebatch_id = image_source(output, grid_id)
+        assert output[rebatch_id]["class_type"] == "RebatchImages", "Image Grid needs a list: feed it Rebatch Images"
+        frames = [saved[other] for other in savers if image_source(output, other) == image_source(output, rebatch_id)]
+        assert frames, f"no SaveImage saves the frames of sheet {node_id}"
+        grid = output[grid_id]["inputs"]
+        with Image.open(saved[node_id][0]) as sheet_image:
+            sheet = np.asarray(sheet_image.convert("RGB"), dtype=np.int16)
+        for number, frame_path in enumerate(frames[0]):
+            left = (number % grid["columns"]) * (grid["cell_width"] + grid["padding"])
+            top = (number // grid["columns"]) * (grid["cell_height"] + grid["padding"])
+            with Image.open(frame_path) as frame:
+                cell = frame.convert("RGB").resize((grid["cell_width"], grid["cell_height"]), Image.LANCZOS)
+            found = sheet[top:top + grid["cell_height"], left:left + grid["cell_width"]]
+            difference = np.abs(found - np.asarray(cell, dtype=np.int16)).max()
+            assert difference <= 1, f"sheet cell {number} differs from frame {number} by up to {difference}"

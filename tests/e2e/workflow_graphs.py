@@ -40,7 +40,7 @@ def _prose(text: str) -> str:
 
 
 # How the frontend's Note text box lays out text (monospace), in canvas units: to size each note to its text.
-_NOTE_CHAR_WIDTH, _NOTE_LINE_HEIGHT, _NOTE_PADDING = 6.4, 13.0, 70
+_NOTE_CHAR_WIDTH, _NOTE_LINE_HEIGHT, _NOTE_PADDING = 5.6, 12.5, 45
 
 
 def _note(key: str, pos: list[int], width: int, text: str, title: str) -> tuple:
@@ -315,7 +315,7 @@ SD 1.x / 2.x UNets as on SDXL; the research's numbers were measured on SDXL, so 
 
 What differs from SDXL: the checkpoint (v1-5-pruned-emaonly here; any SD 1.5 fine-tune works), 512 x 512 images
 (SD 1.5's native size), and cfg 7 (SD 1.5 usually wants a higher cfg than SDXL). Spectral Story Prompts encodes
-with SD 1.5's single CLIP and adds no size conditioning (SD 1.5 has none).
+with SD 1.5's single CLIP; the SDXL size conditioning it also adds is ignored by SD 1.5.
 
 How to use: choose your SD 1.5 checkpoint, describe the character once in subject, write one scene per line,
 queue. Every knob is explained in the notes next to its node.
@@ -348,9 +348,10 @@ the real pass then blends the anchor's attention output into it, to align small 
 - FreeU (b1 1.1, b2 1.2, s1 0.6, s2 0.4): part of ConsiStory's reference setup. Bypass it (select it, Ctrl+B) to
 compare with the plain model.
 
-Cost: the two-pass injection samples about 1.74x as long as one sampling, and query blending adds one extra
-model forward on its few steps. ConsiStory works best on people and animals; on unusual objects (a bus, a gift
-box) the masks can miss, which is what the spectral variant avoids.
+Cost: the two-pass injection samples about 1.6x as long as one sampling (its first pass stops at the step nearest
+timestep 261: about 60 % of the steps with this karras schedule, about 74 % with the normal one), and query
+blending adds one extra model forward on its few steps. ConsiStory works best on people and animals; on
+unusual objects (a bus, a gift box) the masks can miss, which is what the spectral variant avoids.
 
 Choose your SDXL checkpoint in Load Checkpoint and queue. Every knob is explained in the note next to its node.
 """)
@@ -384,8 +385,9 @@ with 30 steps that is steps 1-2, with fewer than 20 steps nothing.
 _INJECTION_NOTE = _prose("""
 Spectral Feature Injection (ConsiStory's second part)
 
-- correspondence two-pass (faithful): a first sampling runs to the step nearest timestep 261 (about 74 % of the
-way), reads the UNet's features there and matches every subject token to an anchor's; then the real sampling runs.
+- correspondence two-pass (faithful): a first sampling runs to the step nearest timestep 261 (about 60 % of the
+steps with the karras schedule used here, about 74 % with normal), reads the UNet's features there and matches
+every subject token to an anchor's; then the real sampling runs.
 The progress bar runs twice. single-pass: no first pass, coarser matches, about the cost of one sampling.
 - strength 0.8: an injected token takes 0.8 x the anchor's attention output + 0.2 x its own. 0 turns injection off.
 - start_percent 0.1, end_percent 0.333: fractions of the sampler's STEPS (not of the noise schedule): with 30
@@ -410,9 +412,9 @@ Output: Save Image writes the six images, one file per scene, in scene order.
 """)
 
 _FREEU_NOTE = _prose("""
-FreeU (core node): b1 1.1, b2 1.2, s1 0.6, s2 0.4, the values of ConsiStory's reference setup. It rescales the
-UNet's decoder features and skip connections (b: backbone boost, s: skip damping) for crisper images; it is not
-part of the consistency method. Bypass it (select, Ctrl+B) to compare with the plain model.
+FreeU (core node): b1 1.1, b2 1.2, s1 0.6, s2 0.4, the values of ConsiStory's reference setup. It reweights the
+UNet decoder's backbone features (b) and skip connections (s): a quality tweak, not part of the consistency
+method. Bypass it (select, Ctrl+B) to compare with the plain model.
 """)
 _consistory_overview = _note("overview", [40, 40], 440, _CONSISTORY_OVERVIEW, "Read me: ConsiStory baseline")
 _consistory_loader = ("loader", "CheckpointLoaderSimple", [40, _below(_consistory_overview)], [440, 100],
@@ -468,7 +470,8 @@ samplers) go through three models:
 - ConsiStory-style: subject masks, mask dropout 0.5, query blending and two-pass feature injection (as in
 consistory_baseline_sdxl, without FreeU so that only the sharing differs).
 - spectral: mask-free sharing with the recommended spectra (as in spectral_character_sheet_sdxl).
-Only the model differs, so any difference between the rows comes from the method.
+Only the model differs, so any difference between
+the three comes from the method.
 
 Saved files: spectral_anchors/comparison/vanilla_*, consistory_* and spectral_* (one file per scene each), and
 comparison_* (one image with everything).
@@ -478,7 +481,8 @@ comparison image carries no labels. Its layout is fixed instead: one row per sce
 row, left to right: vanilla | ConsiStory-style | spectral, separated by white bars. Image Stitch joins the three
 per scene, Rebatch Images splits the batch into a list, and Image Grid (core, marked experimental) stacks the rows.
 
-Cost: three samplings of four images, one of them two-pass (about 1.74x): about 3.7x the time of one batch.
+Cost: three samplings of four images, one of them two-pass (about 1.6x with this karras schedule): about 3.6x
+the time of one batch.
 """)
 
 _COMPARISON_SEED_NOTE = _prose("""
@@ -512,17 +516,19 @@ during sampling), so identical seeds and prompts give images that differ only by
 settings in all three alike, or the comparison is not fair.
 """)
 
-_LANE_X = 1000
-_LANES = {"vanilla": 40, "consistory": 520, "spectral": 1060}
-_OUT_X = 2120
+# Lanes: one group per method, stacked; each group's title bar takes the top of its frame.
+_LANE_X, _LANE_WIDTH, _GROUP_HEADER, _LANE_GAP = 1000, 1780, 110, 50
+_SAMPLER_X = _LANE_X + 820
 
 
-def _lane_nodes(lane: str, y: int) -> list:
+def _lane_tail(lane: str, top: int) -> list:
+    """Sampler, decoder and saver of one lane, all at the lane's first row."""
     return [
-        (f"sampler_{lane}", "KSampler", [_OUT_X - 380, y + 40], [320, 270], _sampler(5.0)),
-        (f"decode_{lane}", "VAEDecode", [_OUT_X, y + 40], [200, 50], {}),
-        (f"save_{lane}", "SaveImage", [_OUT_X + 240, y + 40], [300, 300],
-         {"filename_prefix": f"spectral_anchors/comparison/{lane}"}),
+        (f"sampler_{lane}", "KSampler", [_SAMPLER_X, top + _GROUP_HEADER], [320, 270], _sampler(5.0),
+         f"KSampler ({lane})"),
+        (f"decode_{lane}", "VAEDecode", [_SAMPLER_X + 380, top + _GROUP_HEADER], [200, 50], {}),
+        (f"save_{lane}", "SaveImage", [_SAMPLER_X + 620, top + _GROUP_HEADER], [300, 300],
+         {"filename_prefix": f"spectral_anchors/comparison/{lane}"}, f"Save Image ({lane})"),
     ]
 
 
@@ -538,8 +544,40 @@ def _lane_links(lane: str) -> list:
     ]
 
 
+def _lane_bottom(nodes: list) -> int:
+    return max(node[2][1] + node[3][1] for node in nodes) + 40
+
+
+_VANILLA_TOP = 40
+_vanilla_lane = _lane_tail("vanilla", _VANILLA_TOP)
+_CONSISTORY_TOP = _lane_bottom(_vanilla_lane) + _LANE_GAP
+_consistory_lane = [
+    ("c_attention", "SpectralAnchorAttention", [_LANE_X + 40, _CONSISTORY_TOP + _GROUP_HEADER], [300, 330],
+     _CONSISTORY_ATTENTION),
+    ("c_injection", "SpectralFeatureInjection", [_LANE_X + 440, _CONSISTORY_TOP + _GROUP_HEADER], [300, 260],
+     _INJECTION),
+    _note("c_note", [_LANE_X + 440, _CONSISTORY_TOP + _GROUP_HEADER + 330], 300, _CONSISTORY_LANE_NOTE,
+          "ConsiStory-style lane"),
+    *_lane_tail("consistory", _CONSISTORY_TOP),
+]
+_SPECTRAL_TOP = _lane_bottom(_consistory_lane) + _LANE_GAP
+_spectral_lane = [
+    # The spectra start lower than the attention node, so its wide badge row does not cover theirs.
+    ("k_truncate", "SpectralTruncate", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 60], [300, 130], _K_TRUNCATE,
+     "Keys (K): Spectral Truncate"),
+    ("v_reweight", "SpectralReweight", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 260], [300, 110], _V_REWEIGHT,
+     "Values (V): Spectral Reweight"),
+    ("v_truncate", "SpectralTruncate", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 440], [300, 130], _V_TRUNCATE,
+     "Values (V): Spectral Truncate"),
+    ("s_attention", "SpectralAnchorAttention", [_LANE_X + 440, _SPECTRAL_TOP + _GROUP_HEADER], [300, 330],
+     _SPECTRAL_ATTENTION),
+    _note("s_note", [_LANE_X + 440, _SPECTRAL_TOP + _GROUP_HEADER + 400], 300, _SPECTRAL_LANE_NOTE, "Spectral lane"),
+    *_lane_tail("spectral", _SPECTRAL_TOP),
+]
+_SPECTRAL_BOTTOM = _lane_bottom(_spectral_lane)
+
 _STITCH = {"direction": "right", "match_image_size": True, "spacing_width": 32, "spacing_color": "white"}
-_COMBINE_X = _OUT_X + 600
+_COMBINE_X = _LANE_X + _LANE_WIDTH + 60
 _COMBINE_NOTE = _prose("""
 The comparison image
 
@@ -550,38 +588,39 @@ The comparison image
 - No labels: core ComfyUI cannot draw text on images; this note and the fixed column order are the legend.
 """)
 
+_comparison_overview = _note("overview", [40, 40], 440, _COMPARISON_OVERVIEW, "Read me: side-by-side comparison")
+_comparison_loader = ("loader", "CheckpointLoaderSimple", [40, _below(_comparison_overview)], [440, 100],
+                      {"ckpt_name": SDXL_CHECKPOINT})
+_comparison_seed = ("seed", "PrimitiveInt", [40, _below(_comparison_loader)], [440, 82],
+                    {"value": SEED, "control_after_generate": "fixed"}, "Seed (shared)")
+_comparison_story_note = _note("story_note", [520, 730], 440, _COMPARISON_STORY_NOTE,
+                               "Story prompts: identical for all three")
+
 SIDE_BY_SIDE_COMPARISON_SDXL = WorkflowGraph(
     name="side_by_side_comparison_sdxl",
     nodes=[
-        _note("overview", [40, 40], 440, _COMPARISON_OVERVIEW, "Read me: side-by-side comparison"),
-        ("loader", "CheckpointLoaderSimple", [40, 980], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
-        ("seed", "PrimitiveInt", [40, 1140], [440, 82], {"value": SEED, "control_after_generate": "fixed"}),
-        _note("seed_note", [40, 1260], 440, _COMPARISON_SEED_NOTE, "Seed: shared by all three"),
+        _comparison_overview,
+        _comparison_loader,
+        _comparison_seed,
+        _note("seed_note", [40, _below(_comparison_seed)], 440, _COMPARISON_SEED_NOTE, "Seed: shared by all three"),
         ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(_COMPARISON_SCENES, 1024)),
-        _note("story_note", [520, 700], 440, _COMPARISON_STORY_NOTE, "Story prompts: identical for all three"),
-        _note("sampler_note", [520, 940], 440, _COMPARISON_SAMPLER_NOTE, "Samplers: identical settings"),
-        *_lane_nodes("vanilla", _LANES["vanilla"]),
-        ("c_attention", "SpectralAnchorAttention", [_LANE_X + 40, _LANES["consistory"] + 40], [300, 330],
-         _CONSISTORY_ATTENTION),
-        ("c_injection", "SpectralFeatureInjection", [_LANE_X + 380, _LANES["consistory"] + 40], [300, 260],
-         _INJECTION),
-        _note("c_note", [_LANE_X + 380, _LANES["consistory"] + 330], 300, _CONSISTORY_LANE_NOTE, "ConsiStory-style lane"),
-        *_lane_nodes("consistory", _LANES["consistory"]),
-        ("k_truncate", "SpectralTruncate", [_LANE_X + 40, _LANES["spectral"] + 40], [300, 130], _K_TRUNCATE),
-        ("v_reweight", "SpectralReweight", [_LANE_X + 40, _LANES["spectral"] + 210], [300, 110], _V_REWEIGHT),
-        ("v_truncate", "SpectralTruncate", [_LANE_X + 40, _LANES["spectral"] + 360], [300, 130], _V_TRUNCATE),
-        ("s_attention", "SpectralAnchorAttention", [_LANE_X + 380, _LANES["spectral"] + 40], [300, 330],
-         _SPECTRAL_ATTENTION),
-        _note("s_note", [_LANE_X + 380, _LANES["spectral"] + 410], 300, _SPECTRAL_LANE_NOTE, "Spectral lane"),
-        *_lane_nodes("spectral", _LANES["spectral"]),
-        ("stitch_1", "ImageStitch", [_COMBINE_X, 380], [300, 160], _STITCH),
-        ("stitch_2", "ImageStitch", [_COMBINE_X, 600], [300, 160], _STITCH),
-        ("rebatch", "RebatchImages", [_COMBINE_X, 820], [300, 60], {"batch_size": 1}),
-        ("grid", "ImageGrid", [_COMBINE_X, 940], [300, 160],
+        _comparison_story_note,
+        _note("sampler_note", [520, _below(_comparison_story_note)], 440, _COMPARISON_SAMPLER_NOTE,
+              "Samplers: identical settings"),
+        *_vanilla_lane,
+        *_consistory_lane,
+        *_spectral_lane,
+        ("stitch_1", "ImageStitch", [_COMBINE_X, _CONSISTORY_TOP], [300, 160], _STITCH,
+         "Image Stitch (vanilla | ConsiStory)"),
+        ("stitch_2", "ImageStitch", [_COMBINE_X, _CONSISTORY_TOP + 230], [300, 160], _STITCH,
+         "Image Stitch (... | spectral)"),
+        ("rebatch", "RebatchImages", [_COMBINE_X, _CONSISTORY_TOP + 460], [300, 60], {"batch_size": 1}),
+        ("grid", "ImageGrid", [_COMBINE_X, _CONSISTORY_TOP + 590], [300, 160],
          {"columns": 1, "cell_width": 1568, "cell_height": 512, "padding": 16}),
-        ("save_comparison", "SaveImage", [_COMBINE_X + 340, 380], [420, 420],
-         {"filename_prefix": "spectral_anchors/comparison/comparison"}),
-        _note("combine_note", [_COMBINE_X + 340, 860], 420, _COMBINE_NOTE, "The comparison image: no labels in core"),
+        ("save_comparison", "SaveImage", [_COMBINE_X + 360, _CONSISTORY_TOP], [480, 420],
+         {"filename_prefix": "spectral_anchors/comparison/comparison"}, "Save Image (comparison)"),
+        _note("combine_note", [_COMBINE_X + 360, _CONSISTORY_TOP + 490], 480, _COMBINE_NOTE,
+              "The comparison image: no labels in core"),
     ],
     links=[
         ("loader", "CLIP", "story", "clip"),
@@ -608,11 +647,12 @@ SIDE_BY_SIDE_COMPARISON_SDXL = WorkflowGraph(
         ("grid", "IMAGE", "save_comparison", "images"),
     ],
     groups=[
-        ("vanilla: no sharing", [_LANE_X, _LANES["vanilla"], _OUT_X + 580 - _LANE_X, 400], "#3f3f3f"),
-        ("ConsiStory-style: masks + dropout + query blending + feature injection",
-         [_LANE_X, _LANES["consistory"], _OUT_X + 580 - _LANE_X, 500], "#3f5159"),
+        ("vanilla: the checkpoint alone, no sharing",
+         [_LANE_X, _VANILLA_TOP, _LANE_WIDTH, _lane_bottom(_vanilla_lane) - _VANILLA_TOP], "#444444"),
+        ("ConsiStory-style: subject masks, dropout 0.5, query blending, feature injection",
+         [_LANE_X, _CONSISTORY_TOP, _LANE_WIDTH, _lane_bottom(_consistory_lane) - _CONSISTORY_TOP], "#2f5a63"),
         ("spectral: K quantile 0.05, V log_squared -> energy 0.95, no masks",
-         [_LANE_X, _LANES["spectral"], _OUT_X + 580 - _LANE_X, 620], "#4a3f6b"),
+         [_LANE_X, _SPECTRAL_TOP, _LANE_WIDTH, _SPECTRAL_BOTTOM - _SPECTRAL_TOP], "#4a3f6b"),
     ],
 )
 
@@ -665,26 +705,32 @@ KSampler: dpmpp_2m karras, 30 steps, cfg 5, seed fixed (deterministic, so re-que
 like with like). The plots read the run this sampler makes.
 """)
 
+_plot_overview = _note("overview", [40, 40], 440, _PLOT_OVERVIEW, "Read me: spectrum plot")
+
 SPECTRUM_PLOT_SDXL = WorkflowGraph(
     name="spectrum_plot_sdxl",
     nodes=[
-        _note("overview", [40, 40], 440, _PLOT_OVERVIEW, "Read me: spectrum plot"),
-        ("loader", "CheckpointLoaderSimple", [40, 900], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
+        _plot_overview,
+        ("loader", "CheckpointLoaderSimple", [40, _below(_plot_overview)], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
         ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(_PLOT_SCENES, 1024)),
-        ("k_truncate", "SpectralTruncate", [1000, 40], [320, 130], _K_TRUNCATE),
-        ("v_reweight", "SpectralReweight", [1000, 220], [320, 110], _V_REWEIGHT),
-        ("v_truncate", "SpectralTruncate", [1000, 380], [320, 130], _V_TRUNCATE),
-        _note("spectra_note", [1000, 560], 420, _PLOT_SPECTRA_NOTE, "Spectra"),
-        ("attention", "SpectralAnchorAttention", [1460, 40], [340, 330], _SPECTRAL_ATTENTION),
-        ("sampler", "KSampler", [1460, 420], [340, 270], _sampler(5.0)),
-        _note("sampler_note", [1460, 740], 340, _PLOT_SAMPLER_NOTE, "Sampler"),
-        ("decode", "VAEDecode", [1860, 420], [200, 50], {}),
-        ("preview_images", "PreviewImage", [1860, 520], [400, 400], {}),
-        ("plot_coarse", "SpectralSpectrumPlot", [2300, 40], [300, 110], {"layer": 0, "step": -1}),
-        ("plot_fine", "SpectralSpectrumPlot", [2300, 520], [300, 110], {"layer": 30, "step": -1}),
-        ("preview_coarse", "PreviewImage", [2640, 40], [520, 420], {}),
-        ("preview_fine", "PreviewImage", [2640, 520], [520, 420], {}),
-        _note("plot_note", [2300, 980], 860, _PLOT_NOTE, "Spectrum plot: the knobs"),
+        _note("story_note", [520, 730], 440, _story_note(len(_PLOT_SCENES), 1024, "SDXL"), "Story prompts: the knobs"),
+        ("k_truncate", "SpectralTruncate", [1000, 40], [320, 130], _K_TRUNCATE, "Keys (K): Spectral Truncate"),
+        ("v_reweight", "SpectralReweight", [1000, 240], [320, 110], _V_REWEIGHT, "Values (V): Spectral Reweight"),
+        ("v_truncate", "SpectralTruncate", [1000, 420], [320, 130], _V_TRUNCATE, "Values (V): Spectral Truncate"),
+        _note("spectra_note", [1000, 620], 420, _PLOT_SPECTRA_NOTE, "Spectra"),
+        ("attention", "SpectralAnchorAttention", [1500, 40], [340, 330], _SPECTRAL_ATTENTION),
+        _note("attention_note", [1500, 440], 380, _ATTENTION_NOTE, "Anchor attention: the knobs"),
+        ("sampler", "KSampler", [1920, 40], [320, 270], _sampler(5.0)),
+        _note("sampler_note", [1920, 380], 320, _PLOT_SAMPLER_NOTE, "Sampler"),
+        ("decode", "VAEDecode", [1920, 600], [200, 50], {}),
+        ("preview_images", "PreviewImage", [1920, 720], [320, 320], {}, "Preview Image (the scenes)"),
+        ("plot_coarse", "SpectralSpectrumPlot", [2300, 40], [300, 110], {"layer": 0, "step": -1},
+         "Spectrum plot: layer 0 (32 x 32 grid)"),
+        ("plot_fine", "SpectralSpectrumPlot", [2300, 540], [300, 110], {"layer": 30, "step": -1},
+         "Spectrum plot: layer 30 (64 x 64 grid)"),
+        ("preview_coarse", "PreviewImage", [2640, 40], [560, 430], {}, "Preview Image (layer 0)"),
+        ("preview_fine", "PreviewImage", [2640, 540], [560, 430], {}, "Preview Image (layer 30)"),
+        _note("plot_note", [2300, 1040], 900, _PLOT_NOTE, "Spectrum plot: the knobs"),
     ],
     links=[
         ("loader", "CLIP", "story", "clip"),
