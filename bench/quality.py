@@ -207,8 +207,8 @@ def toy_story(pack_name: str):
 # Running and summarising
 # ---------------------------------------------------------------------------------------------------------------
 
-METRICS = ("consistency_distance", "pattern_match", "leakage", "present_rate", "scene_correct", "pose_spread",
-           "size_spread")
+METRICS = ("consistency_distance", "pattern_match", "identity_match", "leakage", "present_rate", "scene_correct",
+           "pose_spread", "size_spread")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -238,7 +238,7 @@ def format_table(results: dict[str, dict], unavailable: dict[str, str]) -> str:
         mean, sd = pair
         return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} +- {sd:.{digits}f}"
 
-    header = ("setting", "consistency dist", "ratio vs vanilla", "improved", "pattern match", "leakage",
+    header = ("setting", "consistency dist", "ratio vs vanilla", "improved", "same subject", "leakage",
               "leak - vanilla", "present", "scene ok", "pose spread")
     rows = [header]
     for name, summary in results.items():
@@ -247,7 +247,7 @@ def format_table(results: dict[str, dict], unavailable: dict[str, str]) -> str:
             name, cell(summary["consistency_distance"]),
             cell(summary["consistency_ratio"], 2) if "consistency_ratio" in summary else "-",
             f"{improved[0]}/{improved[1]}" if improved else "-",
-            cell(summary["pattern_match"], 2), cell(summary["leakage"]),
+            cell(summary["identity_match"], 2), cell(summary["leakage"]),
             cell(summary["leakage_delta"]) if "leakage_delta" in summary else "-",
             f"{summary['present_rate'][0]:.2f}", f"{summary['scene_correct'][0]:.2f}",
             cell(summary["pose_spread"], 2)))

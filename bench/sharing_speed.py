@@ -2,9 +2,9 @@
 
 1. Per-step time of the tiny SDXL-architecture UNet, patched vs unpatched, at two latent sizes.
 2. One decoder self-attention layer at real SDXL 1024x1024 shapes, extended vs plain, next to the FLOP ratio.
-3. Peak extra memory of that layer (peak RSS of a fresh process, extended minus plain).
+3. Peak extra memory of that layer (resident memory sampled every 2 ms in a fresh process, extended minus plain).
 
-Run: .venv/bin/python bench/sharing_speed.py
+Run: .venv/bin/python bench/sharing_speed.py [--threads N]   (default 1 thread: steadier ratios on a shared machine)
 """
 
 from __future__ import annotations
@@ -30,14 +30,17 @@ def flop_ratio(batch: int, anchors: int) -> float:
     return (anchors * anchors + (batch - anchors) * (anchors + 1)) / batch
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def paired_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Median times of two functions, run alternately so that load on this shared machine hits both alike."""
+    first()
+    second()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def layer_inputs(tokens: int, channels: int, seed: int = 0):
@@ -61,17 +64,33 @@ def layer_run(mode: str, tokens: int, channels: int, heads: int):
 
 
 def memory_probe(mode: str, tokens: int, channels: int, heads: int) -> None:
-    """Child-process entry: run one layer once and print the peak RSS (KiB)."""
-    import resource
+    """Child-process entry: run one layer once and print the peak resident memory above the start (KiB)."""
+    import threading
 
+    import psutil
     from comfy_harness import boot_comfy, load_pack
 
+    torch.set_num_threads(1)
     boot_comfy()
     load_pack()
     run = layer_run(mode, tokens, channels, heads)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = base
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
     run()
-    print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"base": base // 1024, "peak": max(peak, process.memory_info().rss) // 1024}))
 
 
 def peak_extra_memory_mib(tokens: int, channels: int, heads: int) -> tuple[float, float]:
@@ -96,8 +115,9 @@ def tiny_model_steps() -> None:
     print(f"tiny SDXL-architecture UNet, batch {BATCH}, {ANCHORS} anchors, cfg 5, {steps} Euler steps, decoder layers")
     for height, width in ((32, 32), (64, 64)):
         latent = torch.zeros(BATCH, 4, height, width)
-        plain, shared = (median_time(lambda m=m, x=latent: sample(m, positive, negative, x, steps=steps), 3) / steps
-                         for m in (model, patched))
+        plain, shared = (t / steps for t in paired_medians(
+            lambda x=latent: sample(model, positive, negative, x, steps=steps),
+            lambda x=latent: sample(patched, positive, negative, x, steps=steps), 5))
         print(f"  latent {height}x{width}: {plain * 1e3:7.1f} ms/step plain, {shared * 1e3:7.1f} ms/step shared, "
               f"ratio {shared / plain:.2f}")
 
@@ -110,8 +130,8 @@ def sdxl_layers() -> None:
           f"float32, kernel {comfy_attention.optimized_attention.__name__}")
     print(f"  FLOP ratio extended/plain: {expected:.2f}")
     for tokens, channels, heads in LAYER_SHAPES:
-        plain = median_time(layer_run("plain", tokens, channels, heads), 3)
-        extended = median_time(layer_run("extended", tokens, channels, heads), 3)
+        plain, extended = paired_medians(layer_run("plain", tokens, channels, heads),
+                                         layer_run("extended", tokens, channels, heads), 3)
         ratio = extended / plain
         plain_mib, extended_mib = peak_extra_memory_mib(tokens, channels, heads)
         print(f"  N={tokens} C={channels} heads={heads}: plain {plain * 1e3:7.0f} ms, "
@@ -124,6 +144,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
         memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
+        threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
+        torch.set_num_threads(threads)
+        print(f"torch threads: {threads}")
         from comfy_harness import boot_comfy, load_pack
 
         boot_comfy()

@@ -12,7 +12,9 @@ Detector, per image:
 
 Metrics of one story batch (first `anchors` images are anchors):
 - consistency distance: RMS difference of the 8-number appearance (body + pattern colour) between each target and
-  each anchor (lower = more consistent); pattern match: share of (target, anchor) pairs with the same pattern;
+  each anchor (lower = more consistent); pattern match: share of (target, anchor) pairs with the same pattern kind;
+  identity match: share of pairs with the same body colour, pattern colour (nearest palette entries) and pattern
+  kind, i.e. the same subject (chance level for independent subjects: 1/168);
 - background leakage: how far each target's background features moved from its own scene's centroid toward the
   centroid of each anchor's scene, as a fraction of the distance between them (0 = own scene, 1 = anchor's scene);
 - subject-present rate, scene correctness (predicted scene == prompted scene), pose spread (std of subject
@@ -47,6 +49,13 @@ class Detection:
     features: np.ndarray  # scene features
     scene: int  # predicted scene
     instances: int  # separate subject components found
+    body_index: int = -1  # nearest palette colour of the body (-1 when absent)
+    pattern_index: int = -1
+
+    @property
+    def identity(self) -> tuple[int, int, int]:
+        """(body colour, pattern colour, pattern kind): equal identities mean the same subject."""
+        return self.body_index, self.pattern_index, self.pattern
 
     @property
     def appearance(self) -> np.ndarray:
@@ -79,6 +88,11 @@ def _core_colour(array: np.ndarray, label_map: np.ndarray, label: int) -> np.nda
     core = ndimage.binary_erosion(member, structure=ndimage.generate_binary_structure(2, 1))
     chosen = core if core.sum() >= 2 else member
     return np.median(array[:, chosen], axis=1)
+
+
+def _nearest_palette(colour: np.ndarray) -> int:
+    palette = world.subject_palette().numpy()
+    return int(np.argmin(((palette[:, 1:] - colour[None, 1:]) ** 2).sum(axis=1)))
 
 
 def _pattern_kind(minority: np.ndarray) -> int:
@@ -180,7 +194,7 @@ class Detector:
         centre = (float(rows.mean() + 0.5) / self.size, float(cols.mean() + 0.5) / self.size)
         instances = int(ndimage.label(subject)[1])
         return Detection(True, area, centre, math.sqrt(area) / self.size, body, pattern_colour, _pattern_kind(box),
-                         features, scene, instances)
+                         features, scene, instances, _nearest_palette(body), _nearest_palette(pattern_colour))
 
     def detect_batch(self, latents: Tensor) -> list[Detection]:
         return [self.detect(image) for image in latents]
@@ -206,12 +220,13 @@ def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchor
     detections = detector.detect_batch(latents)
     anchor_ids = range(anchors)
     target_ids = range(anchors, len(detections))
-    distances, pattern_matches, leaks = [], [], []
+    distances, pattern_matches, identity_matches, leaks = [], [], [], []
     for t in target_ids:
         for a in anchor_ids:
             if detections[t].present and detections[a].present:
                 distances.append(appearance_distance(detections[t], detections[a]))
                 pattern_matches.append(float(detections[t].pattern == detections[a].pattern))
+                identity_matches.append(float(detections[t].identity == detections[a].identity))
             if scenes[a] != scenes[t]:
                 leaks.append(detector.leakage(detections[t], scenes[t], scenes[a]))
     found = [d for d in detections if d.present]
@@ -219,6 +234,7 @@ def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchor
     return {
         "consistency_distance": _nanmean(distances),
         "pattern_match": _nanmean(pattern_matches),
+        "identity_match": _nanmean(identity_matches),
         "leakage": _nanmean(leaks),
         "present_rate": len(found) / len(detections),
         "scene_correct": float(np.mean([d.scene == s for d, s in zip(detections, scenes, strict=True)])),
@@ -233,12 +249,13 @@ def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
     present = batch.present.numpy()
     found = np.array([d.present for d in detections])
     scene_ok = np.array([d.scene == int(s) for d, s in zip(detections, batch.scenes, strict=True)])
-    colour_errors, pattern_ok, centre_errors, ious = [], [], [], []
+    colour_errors, pattern_ok, palette_ok, centre_errors, ious = [], [], [], [], []
     for i in np.nonzero(present & found)[0]:
         d = detections[i]
         truth = np.concatenate([batch.body[i].numpy(), batch.pattern_colour[i].numpy()])
         colour_errors.append(float(np.sqrt(np.mean((d.appearance - truth) ** 2))))
         pattern_ok.append(d.pattern == int(batch.pattern[i]))
+        palette_ok.append(d.body_index == int(batch.body_index[i]) and d.pattern_index == int(batch.pattern_index[i]))
         centres = [((int(batch.top[i, k]) + int(batch.side[i, k]) / 2) / detector.size,
                     (int(batch.left[i, k]) + int(batch.side[i, k]) / 2) / detector.size)
                    for k in range(batch.side.shape[1])]
@@ -251,6 +268,7 @@ def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
         "scene_accuracy": float(scene_ok.mean()),
         "appearance_rms_error": _nanmean(colour_errors),
         "pattern_accuracy": _nanmean([float(x) for x in pattern_ok]),
+        "palette_accuracy": _nanmean([float(x) for x in palette_ok]),
         "centre_error": _nanmean(centre_errors),
         "mask_iou": _nanmean(ious),
     }

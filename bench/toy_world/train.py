@@ -33,8 +33,8 @@ from bench.toy_world import world  # noqa: E402
 DEFAULTS = {
     "size": 24,
     "model_channels": 32,
-    "batch": 16,
-    "steps": 1400,
+    "batch": 12,
+    "steps": 2600,
     "lr": 1.5e-3,
     "warmup": 50,
     "final_lr_fraction": 0.05,

@@ -8,9 +8,10 @@ detector find a subject reliably even when a generated texture is blurred. Chann
   a random offset per image. The tiles are fine, high-rank detail (every token of the background differs from its
   neighbours), so the anchors' key/value spectra get tails where background lives.
 - Subject (present iff the subject token is in the prompt): a pair of identical squares (INSTANCES), each of random
-  side and position (never touching), whose body colour and pattern colour are random and NOT in the
-  conditioning; the pattern is one of three kinds (horizontal stripe, vertical stripe, central spot), also not in
-  the conditioning. Consistency across a batch can therefore only come from sharing between images.
+  side and position (never touching), whose body colour and pattern colour are random (two different colours of
+  a palette of 8) and NOT in the conditioning; the pattern is one of three kinds (horizontal stripe, vertical
+  stripe, central spot), also not in the conditioning. Consistency across a batch can therefore only come from
+  sharing between images.
 
 The world is defined by fixed seeds: the same (seed, size) always gives the same images.
 """
@@ -40,9 +41,9 @@ _SCENE_COLOURS = (
 BACKGROUND_LEVEL = -0.8  # channel 0 of every background
 BACKGROUND_CH0_AMPLITUDE = 0.2  # tile amplitude on channel 0 (stays below SUBJECT_THRESHOLD)
 BACKGROUND_COLOUR_AMPLITUDE = 0.55  # tile amplitude (std) on channels 1-3
-SUBJECT_LEVEL = (0.7, 1.3)  # channel 0 range of subject colours
-SUBJECT_COLOUR_RANGE = 1.0  # channels 1-3 of subject colours are uniform in [-range, range]
-SUBJECT_MIN_CONTRAST = 0.9  # body and pattern colours differ at least this much on channels 1-3
+SUBJECT_LEVEL = 1.0  # channel 0 of subject colours
+SUBJECT_COLOUR_RANGE = 0.85  # channels 1-3 of subject colours are +-range (a palette of 8, see subject_palette)
+PALETTE = 8
 SUBJECT_THRESHOLD = 0.0  # channel 0 above this is subject (backgrounds stay below -0.4, subjects above 0.7)
 WORLD_SEED = 20250
 
@@ -107,24 +108,21 @@ class WorldBatch:
     top: Tensor  # [B, INSTANCES]
     left: Tensor  # [B, INSTANCES]
     side: Tensor  # [B, INSTANCES] (0 when absent)
+    body_index: Tensor  # [B] palette index of the body colour (-1 when absent)
+    pattern_index: Tensor  # [B] palette index of the pattern colour
+
+
+def subject_palette() -> Tensor:
+    """[PALETTE, 4]: subject colours, the corners of a cube on channels 1-3, channel 0 at SUBJECT_LEVEL."""
+    corners = torch.tensor([[(k >> bit) & 1 for bit in range(3)] for k in range(8)], dtype=torch.float32)
+    colours = (corners * 2 - 1) * SUBJECT_COLOUR_RANGE
+    return torch.cat([torch.full((8, 1), SUBJECT_LEVEL), colours], dim=1)
 
 
 def _subject_colours(count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    def draw(n: int) -> Tensor:
-        level = SUBJECT_LEVEL[0] + (SUBJECT_LEVEL[1] - SUBJECT_LEVEL[0]) * torch.rand(n, 1, generator=generator)
-        colour = (torch.rand(n, 3, generator=generator) * 2 - 1) * SUBJECT_COLOUR_RANGE
-        return torch.cat([level, colour], dim=1)
-
-    body = draw(count)
-    pattern = draw(count)
-    # Redraw pattern colours too close to the body colour, a few rounds (deterministic; the rest are pushed apart).
-    for _ in range(8):
-        close = (pattern[:, 1:] - body[:, 1:]).norm(dim=1) < SUBJECT_MIN_CONTRAST
-        if not close.any():
-            break
-        pattern[close] = draw(int(close.sum()))[: int(close.sum())]
-    close = (pattern[:, 1:] - body[:, 1:]).norm(dim=1) < SUBJECT_MIN_CONTRAST
-    pattern[close, 1:] = -body[close, 1:].sign() * SUBJECT_COLOUR_RANGE * 0.8
+    """Palette indices of the body and pattern colours (always different)."""
+    body = torch.randint(0, PALETTE, (count,), generator=generator)
+    pattern = (body + torch.randint(1, PALETTE, (count,), generator=generator)) % PALETTE
     return body, pattern
 
 
@@ -177,7 +175,9 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
     sides = torch.randint(low, high + 1, (count, INSTANCES), generator=generator)
     unit = torch.rand(count, INSTANCES, 2, generator=generator)
     patterns = torch.randint(0, len(PATTERN_NAMES), (count,), generator=generator)
-    body, pattern_colour = _subject_colours(count, generator)
+    body_index, pattern_index = _subject_colours(count, generator)
+    palette = subject_palette()
+    body, pattern_colour = palette[body_index], palette[pattern_index]
 
     latents = torch.empty(count, CHANNELS, size, size)
     masks = torch.zeros(count, size, size, dtype=torch.bool)
@@ -201,4 +201,6 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
     pattern_colour = torch.where(absent[:, None], torch.zeros_like(pattern_colour), pattern_colour)
     return WorldBatch(latents=latents, scenes=scenes, present=present, subject_mask=masks, body=body,
                       pattern_colour=pattern_colour, pattern=torch.where(present, patterns, -1), top=tops,
-                      left=lefts, side=torch.where(present[:, None], sides, 0))
+                      left=lefts, side=torch.where(present[:, None], sides, 0),
+                      body_index=torch.where(present, body_index, -1),
+                      pattern_index=torch.where(present, pattern_index, -1))

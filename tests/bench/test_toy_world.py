@@ -63,6 +63,7 @@ def test_detector_recovers_world_ground_truth(one_thread):
     assert clean["scene_accuracy"] >= 0.99
     assert clean["appearance_rms_error"] < 0.01
     assert clean["pattern_accuracy"] >= 0.98
+    assert clean["palette_accuracy"] >= 0.98
     assert clean["centre_error"] < 0.01
     assert clean["mask_iou"] > 0.99
     # Generated latents are never exact: with noise on top, the detector still reads the same world.
@@ -102,6 +103,7 @@ def test_story_metrics_measure_copying_and_leakage(one_thread):
     same = story_metrics(detector, copied, scenes.tolist(), 1)
     assert same["consistency_distance"] < 1e-4
     assert same["pattern_match"] == 1.0
+    assert same["identity_match"] == 1.0
     mask = independent.subject_mask
 
     # Backgrounds half-way to the first anchor's scene: leakage ~ 0.5 toward that anchor, ~0 toward the other.
