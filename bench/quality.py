@@ -184,7 +184,7 @@ class SettingBuilder:
         return model
 
 
-def toy_story(pack_name: str):
+def toy_story(pack_name: str, latent_size: int):
     """The STORY value of the toy prompts (the subject token sits at the same position in every prompt)."""
     from bench.toy_world import model as toy_model
     from bench.toy_world import story as toy_story_module
@@ -197,7 +197,7 @@ def toy_story(pack_name: str):
         return None
     prompts = tuple(f"subject in {name}" for name in SCENE_NAMES)
     count = toy_story_module.STORY_SIZE
-    size = 8 * 24
+    size = 8 * latent_size  # the pixel size a VAE would decode the latent to
     return story_class(prompts=prompts[:count], subject_tokens=((toy_model.SUBJECT_TOKEN_INDEX,),) * count,
                        subject_word="subject", width=size, height=size, same_noise=False,
                        sequence_lengths=(toy_model.CONTEXT_TOKENS,) * count)
@@ -347,7 +347,7 @@ def main() -> None:
     steps = args.steps or story.STEPS
     model, vocab, config, metadata = toy_model.load(args.weights or toy_model.WEIGHTS_PATH)
     detector = Detector(config.size)
-    builder = SettingBuilder(PACK_NAME, toy_story(PACK_NAME))
+    builder = SettingBuilder(PACK_NAME, toy_story(PACK_NAME, config.size))
     wanted = {name.strip() for name in args.only.split(",") if name.strip()}
     unknown = wanted - {setting.name for setting in SETTINGS}
     if unknown:

@@ -45,6 +45,8 @@ SHAPES = ((4096, 640, 10), (1024, 1280, 20))  # (tokens, channels, heads) of SDX
 CHAINS = (
     Spectrum((Truncate("quantile", 0.05),)),
     Spectrum((Reweight("log_squared"), Truncate("energy", 0.95))),
+    # The opt-in approximation, for comparison (its naive baseline is still the exact SVD).
+    Spectrum((Truncate("quantile", 0.05),), method="lowrank"),
 )
 
 

@@ -31,14 +31,14 @@ from bench.toy_world import model as toy_model  # noqa: E402
 from bench.toy_world import world  # noqa: E402
 
 DEFAULTS = {
-    "size": 24,
+    "size": 16,
     "model_channels": 32,
-    "batch": 12,
-    "steps": 2600,
+    "batch": 16,
+    "steps": 6000,
     "lr": 1.5e-3,
     "warmup": 50,
     "final_lr_fraction": 0.05,
-    "ema": 0.995,
+    "ema": 0.998,
     "uncond_probability": 0.1,
     "snr_cap": 5.0,
     "subject_weight": 5.0,
