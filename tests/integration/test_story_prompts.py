@@ -278,6 +278,7 @@ def test_registered_with_a_valid_schema():
 
 def test_queue_time_validation_through_comfyui(monkeypatch):
     import asyncio
+    import concurrent.futures
 
     import execution
     from comfy_extras.nodes_primitive import StringMultiline
@@ -291,7 +292,9 @@ def test_queue_time_validation_through_comfyui(monkeypatch):
                                    "style": STYLE, "negative": "", "width": 1024, "height": 1024,
                                    "same_noise": False, **inputs}},
                   "2": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a photo"}}}
-        _, found, _ = asyncio.run(execution.validate_inputs("test", prompt, "1", {}))
+        # In a worker thread: the browser tests' Playwright may leave an event loop running on this one.
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:
+            _, found, _ = worker.submit(asyncio.run, execution.validate_inputs("test", prompt, "1", {})).result()
         return [error for error in found if error["type"] != "required_input_missing"]  # no clip linked here
 
     assert errors() == []
