@@ -207,8 +207,8 @@ def toy_story(pack_name: str, latent_size: int):
 # Running and summarising
 # ---------------------------------------------------------------------------------------------------------------
 
-METRICS = ("consistency_distance", "pattern_match", "identity_match", "leakage", "present_rate", "scene_correct",
-           "pose_spread", "size_spread")
+METRICS = ("consistency_distance", "pattern_match", "identity_match", "leakage", "leakage_colour", "leakage_texture",
+           "present_rate", "scene_correct", "pose_spread", "size_spread")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -228,8 +228,11 @@ def summarise(per_seed: list[dict], vanilla: list[dict] | None) -> dict:
                  if not (math.isnan(row["consistency_distance"]) or math.isnan(base["consistency_distance"]))]
         summary["consistency_ratio"] = mean_sd([a / b for a, b in pairs if b > 0])
         summary["seeds_improved"] = (sum(a < b for a, b in pairs), len(pairs))
-        leak_pairs = [(row["leakage"], base["leakage"]) for row, base in paired]
-        summary["leakage_delta"] = mean_sd([a - b for a, b in leak_pairs])
+        # Leakage is read paired against vanilla: the toy model's own backgrounds are not the world's exactly (CFG
+        # pushes scene colours outward), so the absolute colour part has a model-specific offset.
+        for metric in ("leakage", "leakage_colour", "leakage_texture"):
+            summary[f"{metric}_delta"] = mean_sd([row[metric] - base[metric] for row, base in paired])
+        summary["seeds_leakier"] = (sum(row["leakage"] > base["leakage"] for row, base in paired), len(paired))
     return summary
 
 
@@ -238,17 +241,21 @@ def format_table(results: dict[str, dict], unavailable: dict[str, str]) -> str:
         mean, sd = pair
         return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} +- {sd:.{digits}f}"
 
-    header = ("setting", "consistency dist", "ratio vs vanilla", "improved", "same subject", "leakage",
-              "leak - vanilla", "present", "scene ok", "pose spread")
+    header = ("setting", "consistency dist", "ratio vs vanilla", "improved", "same subject", "leak - vanilla",
+              "colour part", "texture part", "leakier", "present", "scene ok", "pose spread")
     rows = [header]
     for name, summary in results.items():
-        improved = summary.get("seeds_improved")
+        improved, leakier = summary.get("seeds_improved"), summary.get("seeds_leakier")
+        paired = "consistency_ratio" in summary
         rows.append((
             name, cell(summary["consistency_distance"]),
-            cell(summary["consistency_ratio"], 2) if "consistency_ratio" in summary else "-",
+            cell(summary["consistency_ratio"], 2) if paired else "-",
             f"{improved[0]}/{improved[1]}" if improved else "-",
-            cell(summary["identity_match"], 2), cell(summary["leakage"]),
-            cell(summary["leakage_delta"]) if "leakage_delta" in summary else "-",
+            cell(summary["identity_match"], 2),
+            cell(summary["leakage_delta"]) if paired else "-",
+            cell(summary["leakage_colour_delta"]) if paired else "-",
+            cell(summary["leakage_texture_delta"]) if paired else "-",
+            f"{leakier[0]}/{leakier[1]}" if leakier else "-",
             f"{summary['present_rate'][0]:.2f}", f"{summary['scene_correct'][0]:.2f}",
             cell(summary["pose_spread"], 2)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -260,12 +267,13 @@ def format_table(results: dict[str, dict], unavailable: dict[str, str]) -> str:
 
 
 def scatter_png(results: dict[str, dict], path: Path) -> None:
-    """Consistency (distance ratio to vanilla, lower = more consistent) against leakage, one point per setting,
+    """Consistency (distance ratio to vanilla, lower = more consistent) against leakage (minus vanilla's), one point
+    per setting,
     with +-1 sd bars over seeds; drawn with Pillow (matplotlib is no dependency of the pack)."""
     from PIL import Image, ImageDraw
 
-    points = [(name, s["leakage"], s.get("consistency_ratio", (1.0, 0.0))) for name, s in results.items()
-              if not math.isnan(s["leakage"][0])]
+    points = [(name, s.get("leakage_delta", (0.0, 0.0)), s.get("consistency_ratio", (1.0, 0.0)))
+              for name, s in results.items() if not math.isnan(s["leakage"][0])]
     plot_width, legend_width, height, margin = 760, 260, 640, 80
     width = plot_width + legend_width
     image = Image.new("RGB", (width, height), "white")
@@ -290,14 +298,16 @@ def scatter_png(results: dict[str, dict], path: Path) -> None:
         draw.text((px - 14, height - margin + 8), f"{x:.3f}", fill="black")
         draw.line([margin - 5, py, margin, py], fill="black")
         draw.text((margin - 42, py - 6), f"{y:.2f}", fill="black")
-    draw.text((margin, height - 40), "background leakage toward the anchors' scenes (0 = own scene, 1 = anchor's)",
-              fill="black")
+    draw.text((margin, height - 40), "background leakage toward the anchors' scenes minus vanilla's, paired per seed "
+                                     "(1 = the whole way)", fill="black")
     draw.text((10, 16), "consistency: target-anchor appearance distance / vanilla, paired per seed "
                         "(lower = more consistent); bars: +-1 sd over seeds", fill="black")
     draw.text((10, 36), "Toy-world proxy (tiny SDXL-architecture UNet trained from scratch), not an SDXL result",
               fill="gray")
     _, one = to_pixel(x_low, 1.0)
     draw.line([margin, one, plot_width - margin, one], fill=(200, 200, 200))
+    zero, _ = to_pixel(0.0, y_low)
+    draw.line([zero, margin, zero, height - margin], fill=(200, 200, 200))
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     for index, (name, (leak, leak_sd), (ratio, ratio_sd)) in enumerate(points):

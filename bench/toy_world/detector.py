@@ -7,16 +7,17 @@ Detector, per image:
 - appearance: the pixels of all instances split into two colours (2-means, median of each cluster's core pixels),
   the larger cluster is the body colour, the smaller the pattern colour; the smaller cluster's extent inside the
   largest instance's bounding box gives the pattern kind;
-- scene: background features (mean colour on channels 1-3 and, per scene, the best normalised correlation with
-  that scene's tile over all offsets), nearest scene centroid (centroids measured on world samples).
+- scene: background features (mean colour on channels 1-3 and, per scene, the amplitude of that scene's tile at its
+  best offset), nearest scene centroid (centroids measured on world samples).
 
 Metrics of one story batch (first `anchors` images are anchors):
 - consistency distance: RMS difference of the 8-number appearance (body + pattern colour) between each target and
   each anchor (lower = more consistent); pattern match: share of (target, anchor) pairs with the same pattern kind;
   identity match: share of pairs with the same body colour, pattern colour (nearest palette entries) and pattern
   kind, i.e. the same subject (chance level for independent subjects: 1/168);
-- background leakage: how far each target's background features moved from its own scene's centroid toward the
-  centroid of each anchor's scene, as a fraction of the distance between them (0 = own scene, 1 = anchor's scene);
+- background leakage: how far each target's background moved toward each anchor's scene, the mean of a colour
+  part (mean colour along the line between the two scenes' colours) and a texture part (the amplitude of the
+  anchor scene's tile, from chance level to full); 0 = no trace of the anchor's scene, 1 = the anchor's scene;
 - subject-present rate, scene correctness (predicted scene == prompted scene), pose spread (std of subject
   centres and sizes across the batch).
 """
@@ -119,20 +120,25 @@ def _templates(size: int) -> tuple[Tensor, ...]:
 
 
 def scene_features(image: Tensor, background: Tensor) -> np.ndarray:
-    """[mean colour on channels 1-3, best tile correlation per scene] of the background pixels."""
+    """[mean colour on channels 1-3, per scene: amplitude of that scene's tile] of the background pixels.
+
+    The amplitude is the least-squares coefficient of the tile (at its best offset) in the background's residual:
+    1 for a clean image of that scene, near 0 for other scenes, and linear in mixtures (half-way = 0.5).
+    """
     size = image.shape[-1]
     weight = background.float()
     count = weight.sum().clamp(min=1.0)
     mean = (image * weight).sum(dim=(1, 2)) / count
     residual = (image - mean[:, None, None]) * weight
-    residual_norm = residual.norm().clamp(min=1e-8)
-    scores = []
+    amplitudes = []
     for templates in _templates(size):
         masked = templates * weight
-        correlation = (masked * residual).sum(dim=(1, 2, 3)) / (masked.flatten(1).norm(dim=1).clamp(min=1e-8)
-                                                                 * residual_norm)
-        scores.append(float(correlation.max()))
-    return np.concatenate([mean[1:].numpy(), np.array(scores)])
+        energy = masked.flatten(1).pow(2).sum(dim=1).clamp(min=1e-8)
+        amplitudes.append(float(((masked * residual).sum(dim=(1, 2, 3)) / energy).max()))
+    return np.concatenate([mean[1:].numpy(), np.array(amplitudes)])
+
+
+COLOUR_FEATURES = 3  # the first features are the background's mean colour (channels 1-3)
 
 
 class Detector:
@@ -147,7 +153,13 @@ class Detector:
         scenes = torch.arange(count) % len(world.SCENE_NAMES)
         reference = world.generate(count, size, generator, scenes=scenes)
         features = np.stack([self._features_and_subject(image)[0] for image in reference.latents])
-        self.centroids = np.stack([features[scenes.numpy() == s].mean(axis=0) for s in range(len(world.SCENE_NAMES))])
+        labels = scenes.numpy()
+        scene_count = len(world.SCENE_NAMES)
+        self.centroids = np.stack([features[labels == s].mean(axis=0) for s in range(scene_count)])
+        # Per scene: its tile's amplitude on its own images and on other scenes' images (the level of chance).
+        amplitudes = features[:, COLOUR_FEATURES:]
+        self.own_amplitude = np.array([amplitudes[labels == s, s].mean() for s in range(scene_count)])
+        self.chance_amplitude = np.array([amplitudes[labels != s, s].mean() for s in range(scene_count)])
 
     def _features_and_subject(self, image: Tensor):
         """(scene features, subject mask, largest instance mask, present)."""
@@ -199,11 +211,23 @@ class Detector:
     def detect_batch(self, latents: Tensor) -> list[Detection]:
         return [self.detect(image) for image in latents]
 
+    def leakage_parts(self, detection: Detection, own_scene: int, other_scene: int) -> tuple[float, float]:
+        """(colour, texture): how far the background moved toward the other scene, each 0 = not at all, 1 = fully.
+
+        colour: the background's mean colour projected on the line from the own scene's colour to the other's;
+        texture: the other scene's tile amplitude, from its chance level (0) to its level on its own images (1).
+        Neither counts a background that is merely a weak copy of its own scene (an imperfect model) as leakage.
+        """
+        own = self.centroids[own_scene, :COLOUR_FEATURES]
+        direction = self.centroids[other_scene, :COLOUR_FEATURES] - own
+        colour = float(np.dot(detection.features[:COLOUR_FEATURES] - own, direction) / np.dot(direction, direction))
+        amplitude = detection.features[COLOUR_FEATURES + other_scene]
+        chance, full = self.chance_amplitude[other_scene], self.own_amplitude[other_scene]
+        return colour, float((amplitude - chance) / (full - chance))
+
     def leakage(self, detection: Detection, own_scene: int, other_scene: int) -> float:
-        """Fraction of the way from the own scene's centroid to the other scene's (0 = own, 1 = other)."""
-        own, other = self.centroids[own_scene], self.centroids[other_scene]
-        direction = other - own
-        return float(np.dot(detection.features - own, direction) / np.dot(direction, direction))
+        """Mean of the colour and texture parts of leakage_parts."""
+        return float(np.mean(self.leakage_parts(detection, own_scene, other_scene)))
 
 
 def appearance_distance(a: Detection, b: Detection) -> float:
@@ -228,14 +252,16 @@ def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchor
                 pattern_matches.append(float(detections[t].pattern == detections[a].pattern))
                 identity_matches.append(float(detections[t].identity == detections[a].identity))
             if scenes[a] != scenes[t]:
-                leaks.append(detector.leakage(detections[t], scenes[t], scenes[a]))
+                leaks.append(detector.leakage_parts(detections[t], scenes[t], scenes[a]))
     found = [d for d in detections if d.present]
     centres = np.array([d.centre for d in found]) if found else np.zeros((0, 2))
     return {
         "consistency_distance": _nanmean(distances),
         "pattern_match": _nanmean(pattern_matches),
         "identity_match": _nanmean(identity_matches),
-        "leakage": _nanmean(leaks),
+        "leakage": _nanmean([float(np.mean(parts)) for parts in leaks]),
+        "leakage_colour": _nanmean([parts[0] for parts in leaks]),
+        "leakage_texture": _nanmean([parts[1] for parts in leaks]),
         "present_rate": len(found) / len(detections),
         "scene_correct": float(np.mean([d.scene == s for d, s in zip(detections, scenes, strict=True)])),
         "pose_spread": float(np.sqrt(centres.var(axis=0).sum())) if len(found) > 1 else math.nan,
