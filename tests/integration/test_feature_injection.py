@@ -115,16 +115,6 @@ def probed(model, family_model, **options):
     return probe, patched
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd15"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
-
-
 @pytest.fixture(scope="module")
 def reference(model, family):
     """Attention only: the run injection must reproduce wherever it injects nothing."""

@@ -175,16 +175,6 @@ def latent(batch=3, size=LATENT):
     return torch.zeros(batch, 4, *size)
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd15"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
-
-
 @pytest.fixture(scope="module")
 def sdxl():
     return tiny_model("sdxl")

@@ -36,16 +36,6 @@ def reference_patch(model, anchors=2, layers="decoder"):
     return patched
 
 
-@pytest.fixture(scope="module", params=["sdxl", "sd15"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_model(family)
-
-
 def batch(family, size, seed=1, tokens=77):
     return conditioning(family, size, seed, tokens), conditioning(family, 1, 99, tokens)
 
