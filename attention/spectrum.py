@@ -274,6 +274,27 @@ def _solver_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+# Row chunk and column blocks of the float64 Gram: chunks keep the float64 copy small (a whole
+# 4096 x 640 copy is a fresh 20 MB allocation whose page faults cost as much as the product), and
+# only the blocks on and above the diagonal are multiplied (G is symmetric): 10 of 16 products.
+GRAM_ROW_CHUNK = 512
+GRAM_COLUMN_BLOCKS = 4
+
+
+def _gram_float64(rows: Tensor) -> Tensor:
+    """rows^T rows in float64 for rows [n, N, m]; every product of float32 entries is exact there."""
+    n, count, size = rows.shape
+    gram = torch.zeros(n, size, size, dtype=torch.float64, device=rows.device)
+    edges = [size * block // GRAM_COLUMN_BLOCKS for block in range(GRAM_COLUMN_BLOCKS + 1)]
+    for start in range(0, count, GRAM_ROW_CHUNK):
+        chunk = rows[:, start:start + GRAM_ROW_CHUNK].to(torch.float64)
+        for low, high in zip(edges, edges[1:], strict=False):
+            if high > low:
+                gram[:, low:high, low:].baddbmm_(chunk[:, :, low:high].mT, chunk[:, :, low:])
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).mT
+
+
 def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool, Tensor]:
     """Singular values and one side's singular vectors of x [n, T, C] (float32 or float64).
 
@@ -300,8 +321,7 @@ def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool, Tensor]:
         gram = (x.mT @ x if tall else x @ x.mT).to(solver, torch.float64)
         gram_eps = torch.finfo(torch.float32).eps
     else:
-        wide = x.to(torch.float64)
-        gram = wide.mT @ wide if tall else wide @ wide.mT
+        gram = _gram_float64(x if tall else x.mT)
     finite = torch.isfinite(gram).flatten(1).all(1)
     if not bool(finite.all()):
         gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
