@@ -18,6 +18,9 @@ Metrics of one story batch (first `anchors` images are anchors):
 - background leakage: how far each target's background moved toward each anchor's scene, the mean of a colour
   part (mean colour along the line between the two scenes' colours) and a texture part (the amplitude of the
   anchor scene's tile, from chance level to full); 0 = no trace of the anchor's scene, 1 = the anchor's scene;
+- background distance: RMS difference of the tints of each target's and each anchor's background (the tint is
+  random and not prompted, so sharing that pulls it toward the anchors' is leakage); tint match: share of
+  (target, anchor) pairs with the same tint (chance: 1/4);
 - subject-present rate, scene correctness (predicted scene == prompted scene), pose spread (std of subject
   centres and sizes across the batch).
 """
@@ -52,6 +55,8 @@ class Detection:
     instances: int  # separate subject components found
     body_index: int = -1  # nearest palette colour of the body (-1 when absent)
     pattern_index: int = -1
+    tint: np.ndarray | None = None  # [3] background colour minus the predicted scene's colour
+    tint_index: int = -1  # nearest of world.tints()
 
     @property
     def identity(self) -> tuple[int, int, int]:
@@ -141,6 +146,21 @@ def scene_features(image: Tensor, background: Tensor) -> np.ndarray:
 COLOUR_FEATURES = 3  # the first features are the background's mean colour (channels 1-3)
 
 
+def untextured_colour(image: Tensor, background: Tensor, scene: int) -> np.ndarray:
+    """Mean colour (channels 1-3) of the background pixels once the scene's tile, at its best offset and
+    amplitude, is taken out: the part of the colour a partly covered tile would otherwise bias."""
+    weight = background.float()
+    count = weight.sum().clamp(min=1.0)
+    mean = (image * weight).sum(dim=(1, 2)) / count
+    templates = _templates(image.shape[-1])[scene]
+    masked = templates * weight
+    energy = masked.flatten(1).pow(2).sum(dim=1).clamp(min=1e-8)
+    amplitude = (masked * ((image - mean[:, None, None]) * weight)).sum(dim=(1, 2, 3)) / energy
+    best = int(amplitude.argmax())
+    clean = image - amplitude[best] * templates[best]
+    return ((clean * weight).sum(dim=(1, 2)) / count)[1:].numpy()
+
+
 class Detector:
     """Detects subjects and scenes in latents of one world size; scene centroids measured on world samples."""
 
@@ -152,17 +172,26 @@ class Detector:
         count = reference_per_scene * len(world.SCENE_NAMES)
         scenes = torch.arange(count) % len(world.SCENE_NAMES)
         reference = world.generate(count, size, generator, scenes=scenes)
-        features = np.stack([self._features_and_subject(image)[0] for image in reference.latents])
+        found = [self._features_and_subject(image) for image in reference.latents]
+        features = np.stack([item[0] for item in found])
+        # Scene centroids of untinted backgrounds: the reference images' known tints are taken out.
+        true_tints = world.tints()[reference.tint, 1:].numpy()
+        features[:, :COLOUR_FEATURES] -= true_tints
         labels = scenes.numpy()
         scene_count = len(world.SCENE_NAMES)
         self.centroids = np.stack([features[labels == s].mean(axis=0) for s in range(scene_count)])
+        # Per scene: the untinted background colour, the origin of tint estimates.
+        untextured = np.stack([untextured_colour(image.float(), torch.from_numpy(item[4]), int(scene))
+                               for image, item, scene in zip(reference.latents, found, scenes, strict=True)])
+        untextured -= true_tints
+        self.scene_colours = np.stack([untextured[labels == s].mean(axis=0) for s in range(scene_count)])
         # Per scene: its tile's amplitude on its own images and on other scenes' images (the level of chance).
         amplitudes = features[:, COLOUR_FEATURES:]
         self.own_amplitude = np.array([amplitudes[labels == s, s].mean() for s in range(scene_count)])
         self.chance_amplitude = np.array([amplitudes[labels != s, s].mean() for s in range(scene_count)])
 
     def _features_and_subject(self, image: Tensor):
-        """(scene features, subject mask, largest instance mask, present)."""
+        """(scene features, subject mask, largest instance mask, present, background mask)."""
         image = image.float().cpu()
         above = (image[0] > world.SUBJECT_THRESHOLD).numpy()
         labels, count = ndimage.label(above)
@@ -179,14 +208,18 @@ class Detector:
         background = ~ndimage.binary_dilation(subject | above, iterations=1)
         if background.sum() < 8:
             background = ~subject
-        return scene_features(image, torch.from_numpy(background)), subject, largest, present
+        return scene_features(image, torch.from_numpy(background)), subject, largest, present, background
 
     def detect(self, image: Tensor) -> Detection:
-        features, subject, largest, present = self._features_and_subject(image)
+        features, subject, largest, present, background = self._features_and_subject(image)
         scene = int(np.argmin(((self.centroids - features) ** 2).sum(axis=1)))
+        colour = untextured_colour(image.float().cpu(), torch.from_numpy(background), scene)
+        tint = colour - self.scene_colours[scene]
+        tint_index = int(np.argmin(((world.tints()[:, 1:].numpy() - tint) ** 2).sum(axis=1)))
         if not present:
             empty = np.zeros(4)
-            return Detection(False, 0, (math.nan, math.nan), 0.0, empty, empty, -1, features, scene, 0)
+            return Detection(False, 0, (math.nan, math.nan), 0.0, empty, empty, -1, features, scene, 0,
+                             tint=tint, tint_index=tint_index)
         array = image.float().cpu().numpy()
         pixels = array[:, subject].T  # [n, 4], every instance: they share one appearance
         labels, _, _ = _two_means(pixels)
@@ -206,7 +239,8 @@ class Detector:
         centre = (float(rows.mean() + 0.5) / self.size, float(cols.mean() + 0.5) / self.size)
         instances = int(ndimage.label(subject)[1])
         return Detection(True, area, centre, math.sqrt(area) / self.size, body, pattern_colour, _pattern_kind(box),
-                         features, scene, instances, _nearest_palette(body), _nearest_palette(pattern_colour))
+                         features, scene, instances, _nearest_palette(body), _nearest_palette(pattern_colour),
+                         tint=tint, tint_index=tint_index)
 
     def detect_batch(self, latents: Tensor) -> list[Detection]:
         return [self.detect(image) for image in latents]
@@ -235,6 +269,11 @@ def appearance_distance(a: Detection, b: Detection) -> float:
     return float(np.sqrt(np.mean((a.appearance - b.appearance) ** 2)))
 
 
+def background_distance(a: Detection, b: Detection) -> float:
+    """RMS difference of the two backgrounds' tints (their colour apart from what the scene sets)."""
+    return float(np.sqrt(np.mean((a.tint - b.tint) ** 2)))
+
+
 def _nanmean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
@@ -245,8 +284,11 @@ def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchor
     anchor_ids = range(anchors)
     target_ids = range(anchors, len(detections))
     distances, pattern_matches, identity_matches, leaks = [], [], [], []
+    background_distances, tint_matches = [], []
     for t in target_ids:
         for a in anchor_ids:
+            background_distances.append(background_distance(detections[t], detections[a]))
+            tint_matches.append(float(detections[t].tint_index == detections[a].tint_index))
             if detections[t].present and detections[a].present:
                 distances.append(appearance_distance(detections[t], detections[a]))
                 pattern_matches.append(float(detections[t].pattern == detections[a].pattern))
@@ -262,6 +304,8 @@ def story_metrics(detector: Detector, latents: Tensor, scenes: list[int], anchor
         "leakage": _nanmean([float(np.mean(parts)) for parts in leaks]),
         "leakage_colour": _nanmean([parts[0] for parts in leaks]),
         "leakage_texture": _nanmean([parts[1] for parts in leaks]),
+        "background_distance": _nanmean(background_distances),
+        "tint_match": _nanmean(tint_matches),
         "present_rate": len(found) / len(detections),
         "scene_correct": float(np.mean([d.scene == s for d, s in zip(detections, scenes, strict=True)])),
         "pose_spread": float(np.sqrt(centres.var(axis=0).sum())) if len(found) > 1 else math.nan,
@@ -275,6 +319,7 @@ def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
     present = batch.present.numpy()
     found = np.array([d.present for d in detections])
     scene_ok = np.array([d.scene == int(s) for d, s in zip(detections, batch.scenes, strict=True)])
+    tint_ok = np.array([d.tint_index == int(t) for d, t in zip(detections, batch.tint, strict=True)])
     colour_errors, pattern_ok, palette_ok, centre_errors, ious = [], [], [], [], []
     for i in np.nonzero(present & found)[0]:
         d = detections[i]
@@ -292,6 +337,7 @@ def validate(detector: Detector, batch: world.WorldBatch) -> dict[str, float]:
     return {
         "presence_accuracy": float(np.mean(found == present)),
         "scene_accuracy": float(scene_ok.mean()),
+        "tint_accuracy": float(tint_ok.mean()),
         "appearance_rms_error": _nanmean(colour_errors),
         "pattern_accuracy": _nanmean([float(x) for x in pattern_ok]),
         "palette_accuracy": _nanmean([float(x) for x in palette_ok]),

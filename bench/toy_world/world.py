@@ -7,6 +7,9 @@ detector find a subject reliably even when a generated texture is blurred. Chann
 - Scene (named by the conditioning): a scene colour plus a small random tile, repeated over the whole image with
   a random offset per image. The tiles are fine, high-rank detail (every token of the background differs from its
   neighbours), so the anchors' key/value spectra get tails where background lives.
+- Background tint: every image's background is shifted by one of the four tints() (colours of equal size around
+  zero), drawn at random and NOT in the conditioning. It is the part of a background that sharing could carry from the
+  anchors to the targets, so background leakage is measurable as targets' tints following the anchors'.
 - Subject (present iff the subject token is in the prompt): a pair of identical squares (INSTANCES), each of random
   side and position (never touching), whose body colour and pattern colour are random (two different colours of
   a palette of 8) and NOT in the conditioning; the pattern is one of three kinds (horizontal stripe, vertical
@@ -41,6 +44,7 @@ _SCENE_COLOURS = (
 BACKGROUND_LEVEL = -0.8  # channel 0 of every background
 BACKGROUND_CH0_AMPLITUDE = 0.2  # tile amplitude on channel 0 (stays below SUBJECT_THRESHOLD)
 BACKGROUND_COLOUR_AMPLITUDE = 0.55  # tile amplitude (std) on channels 1-3
+TINT_AMPLITUDE = 0.16  # per channel on channels 1-3: a tint moves a background by 0.28, a third of the scene gap
 SUBJECT_LEVEL = 1.0  # channel 0 of subject colours
 SUBJECT_COLOUR_RANGE = 0.85  # channels 1-3 of subject colours are +-range (a palette of 8, see subject_palette)
 PALETTE = 8
@@ -81,6 +85,12 @@ def scene_tiles() -> list[Tensor]:
     return tiles
 
 
+def tints() -> Tensor:
+    """[4, 4]: the background tints, corners of a regular tetrahedron on channels 1-3 (zero mean), 0 on channel 0."""
+    signs = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    return torch.cat([torch.zeros(4, 1), signs * TINT_AMPLITUDE], dim=1)
+
+
 def scene_colour(scene: int) -> Tensor:
     """The scene's mean over the 4 channels."""
     return torch.tensor((BACKGROUND_LEVEL, *_SCENE_COLOURS[scene]))
@@ -110,6 +120,7 @@ class WorldBatch:
     side: Tensor  # [B, INSTANCES] (0 when absent)
     body_index: Tensor  # [B] palette index of the body colour (-1 when absent)
     pattern_index: Tensor  # [B] palette index of the pattern colour
+    tint: Tensor  # [B] index into tints()
 
 
 def subject_palette() -> Tensor:
@@ -178,6 +189,8 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
     body_index, pattern_index = _subject_colours(count, generator)
     palette = subject_palette()
     body, pattern_colour = palette[body_index], palette[pattern_index]
+    tint = torch.randint(0, len(tints()), (count,), generator=generator)
+    tint_colours = tints()
 
     latents = torch.empty(count, CHANNELS, size, size)
     masks = torch.zeros(count, size, size, dtype=torch.bool)
@@ -185,7 +198,8 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
     lefts = torch.zeros(count, INSTANCES, dtype=torch.long)
     for i in range(count):
         scene = int(scenes[i])
-        image = tiled(tiles[scene], size, int(offsets[i, 0]), int(offsets[i, 1])) + scene_colour(scene)[:, None, None]
+        colour = scene_colour(scene) + tint_colours[tint[i]]
+        image = tiled(tiles[scene], size, int(offsets[i, 0]), int(offsets[i, 1])) + colour[:, None, None]
         if present[i]:
             placed_tops, placed_lefts = _place(size, sides[i], unit[i])
             for k in range(INSTANCES):
@@ -203,4 +217,4 @@ def generate(count: int, size: int, generator: torch.Generator, scenes: Tensor |
                       pattern_colour=pattern_colour, pattern=torch.where(present, patterns, -1), top=tops,
                       left=lefts, side=torch.where(present[:, None], sides, 0),
                       body_index=torch.where(present, body_index, -1),
-                      pattern_index=torch.where(present, pattern_index, -1))
+                      pattern_index=torch.where(present, pattern_index, -1), tint=tint)

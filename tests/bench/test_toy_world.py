@@ -26,15 +26,19 @@ from bench.toy_world.reference import REFERENCE_PATH, vanilla_metrics  # noqa: E
 SIZE_LIMIT_BYTES = 10_000_000
 # Recorded vanilla metrics are reproduced to this absolute tolerance (seed means). The same thread count on the
 # same CPU reproduces them exactly; another CPU's float rounding may move a few boundary pixels.
-REPRODUCE_TOLERANCE = {"consistency_distance": 0.03, "leakage": 0.03, "present_rate": 0.05, "scene_correct": 0.05}
-# What the node's default sharing must achieve over vanilla on the test seeds. Measured when the weights were made:
-# distance ratio 0.76 +- 0.07 on seeds 0-3, 4 of 4 better (bench/quality.py, 16 seeds: 0.79 +- 0.14, 14 of 16).
-MAX_CONSISTENCY_RATIO = 0.85
-MIN_SEEDS_IMPROVED = 3
-# Leakage is compared paired with vanilla (the toy model's own backgrounds carry a colour offset of their own):
-# sharing may move backgrounds at most 5 % of the way toward the anchors' scenes beyond vanilla, on average.
-LEAKAGE_BOUND = 0.05
-SHARING_SEEDS = (0, 1, 2, 3)
+REPRODUCE_TOLERANCE = {"consistency_distance": 0.03, "leakage": 0.03, "background_distance": 0.03,
+                       "present_rate": 0.05, "scene_correct": 0.05}
+# What the node's default sharing must achieve over vanilla, paired per seed, on the benchmark's 16 seeds (sharing
+# moves the toy's subjects modestly, so a handful of seeds cannot tell it from seed noise). Measured when the
+# weights were made (bench/quality.py): distance ratio 0.89 +- 0.09, 13 of 16 better; background pull
+# 0.03 +- 0.09; scene leakage +0.009 +- 0.021.
+MAX_CONSISTENCY_RATIO = 0.93
+MIN_SEEDS_IMPROVED = 12
+# Leakage bounds: on average, sharing may pull the targets' (unprompted) background tints at most 8 % of the way
+# toward the anchors' tints, and move their backgrounds at most 3 % of the way toward the anchors' scenes.
+BACKGROUND_PULL_BOUND = 0.08
+SCENE_LEAKAGE_BOUND = 0.03
+SHARING_SEEDS = tuple(range(16))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,7 @@ def test_detector_recovers_world_ground_truth(one_thread, size):
     assert clean["palette_accuracy"] >= 0.98
     assert clean["centre_error"] < 0.01
     assert clean["mask_iou"] > 0.99
+    assert clean["tint_accuracy"] >= 0.99
     # Generated latents are never exact: with noise on top, the detector still reads the same world.
     noisy_latents = batch.latents + 0.15 * torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(1))
     noisy = validate(detector, world.WorldBatch(**{**batch.__dict__, "latents": noisy_latents}))
@@ -77,6 +82,7 @@ def test_detector_recovers_world_ground_truth(one_thread, size):
     assert noisy["appearance_rms_error"] < 0.1
     assert noisy["pattern_accuracy"] >= 0.9
     assert noisy["mask_iou"] > 0.95
+    assert noisy["tint_accuracy"] >= 0.95
 
 
 def test_story_metrics_measure_copying_and_leakage(one_thread):
@@ -109,11 +115,13 @@ def test_story_metrics_measure_copying_and_leakage(one_thread):
     assert same["identity_match"] == 1.0
     mask = independent.subject_mask
 
-    # Backgrounds half-way to the first anchor's scene: leakage ~ 0.5 toward that anchor, ~0 toward the other.
+    # Untinted backgrounds half-way to the first anchor's scene: leakage ~ 0.5 toward that anchor, ~0 toward the
+    # other. (A tint shifts the colour part by up to ~0.35 either way; paired with vanilla that averages out.)
     leaked = independent.latents.clone()
-    anchor_background = world.tiled(world.scene_tiles()[0], size, 0, 0) + world.scene_colour(0)[:, None, None]
+    anchor_scene = world.tiled(world.scene_tiles()[0], size, 0, 0) + world.scene_colour(0)[:, None, None]
     for target in range(anchors, 6):
-        half = 0.5 * leaked[target] + 0.5 * anchor_background
+        untinted = leaked[target] - world.tints()[independent.tint[target]][:, None, None]
+        half = 0.5 * untinted + 0.5 * anchor_scene
         leaked[target] = torch.where(mask[target], leaked[target], half)
     for target in range(anchors, 6):
         detection = detector.detect(leaked[target])
@@ -122,6 +130,19 @@ def test_story_metrics_measure_copying_and_leakage(one_thread):
         assert texture == pytest.approx(0.5, abs=0.15)
         assert abs(detector.leakage(detection, int(scenes[target]), 1)) < 0.15
     assert story_metrics(detector, leaked, scenes.tolist(), anchors)["leakage"] == pytest.approx(0.25, abs=0.08)
+
+    # Background tints: independent tints sit far apart; every target's background given anchor 0's tint (its
+    # own scene kept) brings the tint distance to zero toward that anchor.
+    assert base["background_distance"] > 0.1
+    tinted = independent.latents.clone()
+    tints = world.tints()
+    for target in range(1, 6):
+        shift = tints[independent.tint[0]] - tints[independent.tint[target]]
+        tinted[target] = torch.where(mask[target], tinted[target], tinted[target] + shift[:, None, None])
+    pulled = story_metrics(detector, tinted, scenes.tolist(), 1)
+    assert pulled["background_distance"] < 0.01
+    assert pulled["tint_match"] == 1.0
+    assert pulled["scene_correct"] == 1.0
 
 
 def test_shipped_weights_load_and_reproduce_recorded_vanilla(shipped, detector):
@@ -155,15 +176,18 @@ def test_default_sharing_improves_consistency_with_bounded_leakage(pack, shipped
     schema = SpectralAnchorAttention.define_schema()
     defaults = {item.id: item.default for item in schema.inputs if getattr(item, "default", None) is not None}
     shared = SpectralAnchorAttention.execute(model=model, **defaults).result[0]
-    ratios, improved, leaks = [], 0, []
+    ratios, improved, pulls, scene_leaks = [], 0, [], []
     for seed in SHARING_SEEDS:
         vanilla = story.run_story(model, vocab, detector, seed)
         sharing = story.run_story(shared, vocab, detector, seed)
         assert not math.isnan(sharing["consistency_distance"]), f"seed {seed}: no subject found"
         ratios.append(sharing["consistency_distance"] / vanilla["consistency_distance"])
         improved += sharing["consistency_distance"] < vanilla["consistency_distance"]
-        leaks.append(sharing["leakage"] - vanilla["leakage"])
+        pulls.append(1.0 - sharing["background_distance"] / vanilla["background_distance"])
+        scene_leaks.append(sharing["leakage"] - vanilla["leakage"])
         assert sharing["present_rate"] >= 0.8
+        assert sharing["scene_correct"] >= 0.8
     assert improved >= MIN_SEEDS_IMPROVED, ratios
     assert np.mean(ratios) < MAX_CONSISTENCY_RATIO, ratios
-    assert np.mean(leaks) < LEAKAGE_BOUND, leaks
+    assert np.mean(pulls) < BACKGROUND_PULL_BOUND, pulls
+    assert np.mean(scene_leaks) < SCENE_LEAKAGE_BOUND, scene_leaks
