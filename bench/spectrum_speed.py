@@ -8,7 +8,7 @@ Per layer-step, one cond chunk of B images whose first A are anchors:
 - naive: for every query image, a full float32 thin SVD (torch.linalg.svd) of each anchor it
   sees, then U diag(s') V^T: A * (B - 1) SVDs for K and as many for V.
 Ours and naive are timed alternately, repeat by repeat, so machine noise hits both alike; the
-figures are medians of one run's repeats. Runs in about two minutes on 2 CPU cores.
+figures are medians of one run's repeats. Runs in about three minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from spectral_anchors.attention.spectrum import (  # noqa: E402
 
 IMAGES = 4
 ANCHORS = 2
-REPEATS = 3
+REPEATS = 5
 SHAPES = ((4096, 640, 10), (1024, 1280, 20))  # (tokens, channels, heads) of SDXL at 1024x1024
 CHAINS = (
     Spectrum((Truncate("quantile", 0.05),)),
