@@ -55,7 +55,7 @@ class Detection:
     instances: int  # separate subject components found
     body_index: int = -1  # nearest palette colour of the body (-1 when absent)
     pattern_index: int = -1
-    tint: np.ndarray | None = None  # [3] background colour minus the predicted scene's colour
+    tint: np.ndarray | None = None  # [3] untextured background colour minus the predicted scene's
     tint_index: int = -1  # nearest of world.tints()
 
     @property
@@ -124,22 +124,28 @@ def _templates(size: int) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
+def _background_mean(image: Tensor, weight: Tensor) -> Tensor:
+    """[4] mean of the pixels weighted by weight [H, W]."""
+    return (image * weight).sum(dim=(1, 2)) / weight.sum().clamp(min=1.0)
+
+
+def _tile_amplitudes(image: Tensor, weight: Tensor, mean: Tensor, templates: Tensor) -> Tensor:
+    """[offsets]: least-squares coefficient of each shifted tile in the weighted background's residual."""
+    masked = templates * weight
+    energy = masked.flatten(1).pow(2).sum(dim=1).clamp(min=1e-8)
+    return (masked * ((image - mean[:, None, None]) * weight)).sum(dim=(1, 2, 3)) / energy
+
+
 def scene_features(image: Tensor, background: Tensor) -> np.ndarray:
     """[mean colour on channels 1-3, per scene: amplitude of that scene's tile] of the background pixels.
 
     The amplitude is the least-squares coefficient of the tile (at its best offset) in the background's residual:
     1 for a clean image of that scene, near 0 for other scenes, and linear in mixtures (half-way = 0.5).
     """
-    size = image.shape[-1]
     weight = background.float()
-    count = weight.sum().clamp(min=1.0)
-    mean = (image * weight).sum(dim=(1, 2)) / count
-    residual = (image - mean[:, None, None]) * weight
-    amplitudes = []
-    for templates in _templates(size):
-        masked = templates * weight
-        energy = masked.flatten(1).pow(2).sum(dim=1).clamp(min=1e-8)
-        amplitudes.append(float(((masked * residual).sum(dim=(1, 2, 3)) / energy).max()))
+    mean = _background_mean(image, weight)
+    amplitudes = [float(_tile_amplitudes(image, weight, mean, templates).max())
+                  for templates in _templates(image.shape[-1])]
     return np.concatenate([mean[1:].numpy(), np.array(amplitudes)])
 
 
@@ -150,15 +156,10 @@ def untextured_colour(image: Tensor, background: Tensor, scene: int) -> np.ndarr
     """Mean colour (channels 1-3) of the background pixels once the scene's tile, at its best offset and
     amplitude, is taken out: the part of the colour a partly covered tile would otherwise bias."""
     weight = background.float()
-    count = weight.sum().clamp(min=1.0)
-    mean = (image * weight).sum(dim=(1, 2)) / count
     templates = _templates(image.shape[-1])[scene]
-    masked = templates * weight
-    energy = masked.flatten(1).pow(2).sum(dim=1).clamp(min=1e-8)
-    amplitude = (masked * ((image - mean[:, None, None]) * weight)).sum(dim=(1, 2, 3)) / energy
-    best = int(amplitude.argmax())
-    clean = image - amplitude[best] * templates[best]
-    return ((clean * weight).sum(dim=(1, 2)) / count)[1:].numpy()
+    amplitudes = _tile_amplitudes(image, weight, _background_mean(image, weight), templates)
+    best = int(amplitudes.argmax())
+    return _background_mean(image - amplitudes[best] * templates[best], weight)[1:].numpy()
 
 
 class Detector:
