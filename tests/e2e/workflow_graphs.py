@@ -143,6 +143,40 @@ _CONSISTORY_ATTENTION = {"anchors": 2, "layers": "decoder", "start_percent": 0.0
 _INJECTION = {"strength": 0.8, "start_percent": 0.1, "end_percent": 0.333, "layers": "finest", "anchors": 2,
               "correspondence": "two-pass", "feature_timestep": 261.0}
 
+def _spectra_nodes(x: int, top: int, width: int) -> list:
+    """The recommended spectra, stacked: K Truncate, then V Reweight feeding V Truncate."""
+    return [
+        ("k_truncate", "SpectralTruncate", [x, top], [width, 130], _K_TRUNCATE, "Keys (K): Spectral Truncate"),
+        ("v_reweight", "SpectralReweight", [x, top + 200], [width, 110], _V_REWEIGHT,
+         "Values (V): Spectral Reweight"),
+        ("v_truncate", "SpectralTruncate", [x, top + 380], [width, 130], _V_TRUNCATE,
+         "Values (V): Spectral Truncate"),
+    ]
+
+
+def _spectra_links(attention: str) -> list:
+    return [
+        ("k_truncate", "SPECTRUM", attention, "key_spectrum"),
+        ("v_reweight", "SPECTRUM", "v_truncate", "spectrum"),
+        ("v_truncate", "SPECTRUM", attention, "value_spectrum"),
+    ]
+
+
+# Checkpoint -> story -> spectral attention -> KSampler -> VAE Decode, as the single-lane workflows wire it.
+_SPECTRAL_PIPELINE_LINKS = [
+    ("loader", "CLIP", "story", "clip"),
+    ("loader", "MODEL", "attention", "model"),
+    *_spectra_links("attention"),
+    ("story", "SPECTRAL_STORY", "attention", "story"),
+    ("attention", "MODEL", "sampler", "model"),
+    ("story", "positive", "sampler", "positive"),
+    ("story", "negative", "sampler", "negative"),
+    ("story", "latent", "sampler", "latent_image"),
+    ("sampler", "LATENT", "decode", "samples"),
+    ("loader", "VAE", "decode", "vae"),
+]
+
+
 _SPECTRA_NOTE = _prose("""
 Spectral filters: what the other images see of the anchors
 
@@ -237,9 +271,7 @@ in scene order (the 2 anchors first).
             ("loader", "CheckpointLoaderSimple", [40, _below(overview_note)], [440, 100], {"ckpt_name": checkpoint}),
             ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(scenes, size)),
             _note("story_note", [520, 730], 440, _story_note(len(scenes), size, family), "Story prompts: the knobs"),
-            ("k_truncate", "SpectralTruncate", [1000, 40], [320, 130], _K_TRUNCATE, "Keys (K): Spectral Truncate"),
-            ("v_reweight", "SpectralReweight", [1000, 240], [320, 110], _V_REWEIGHT, "Values (V): Spectral Reweight"),
-            ("v_truncate", "SpectralTruncate", [1000, 420], [320, 130], _V_TRUNCATE, "Values (V): Spectral Truncate"),
+            *_spectra_nodes(1000, 40, 320),
             _note("spectra_note", [1000, 620], 460, _SPECTRA_NOTE, "Spectra: why these settings"),
             ("attention", "SpectralAnchorAttention", [1500, 40], [340, 330], _SPECTRAL_ATTENTION),
             _note("attention_note", [1500, 440], 400, _ATTENTION_NOTE, "Anchor attention: the knobs"),
@@ -256,18 +288,7 @@ in scene order (the 2 anchors first).
             _note("output_note", [2940, 440], 420, output_note, "Output: frames and sheet"),
         ],
         links=[
-            ("loader", "CLIP", "story", "clip"),
-            ("loader", "MODEL", "attention", "model"),
-            ("k_truncate", "SPECTRUM", "attention", "key_spectrum"),
-            ("v_reweight", "SPECTRUM", "v_truncate", "spectrum"),
-            ("v_truncate", "SPECTRUM", "attention", "value_spectrum"),
-            ("story", "SPECTRAL_STORY", "attention", "story"),
-            ("attention", "MODEL", "sampler", "model"),
-            ("story", "positive", "sampler", "positive"),
-            ("story", "negative", "sampler", "negative"),
-            ("story", "latent", "sampler", "latent_image"),
-            ("sampler", "LATENT", "decode", "samples"),
-            ("loader", "VAE", "decode", "vae"),
+            *_SPECTRAL_PIPELINE_LINKS,
             ("decode", "IMAGE", "save_frames", "images"),
             ("decode", "IMAGE", "rebatch", "images"),
             ("rebatch", "IMAGE", "grid", "images"),
@@ -563,12 +584,7 @@ _consistory_lane = [
 _SPECTRAL_TOP = _lane_bottom(_consistory_lane) + _LANE_GAP
 _spectral_lane = [
     # The spectra start lower than the attention node, so its wide badge row does not cover theirs.
-    ("k_truncate", "SpectralTruncate", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 60], [300, 130], _K_TRUNCATE,
-     "Keys (K): Spectral Truncate"),
-    ("v_reweight", "SpectralReweight", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 260], [300, 110], _V_REWEIGHT,
-     "Values (V): Spectral Reweight"),
-    ("v_truncate", "SpectralTruncate", [_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 440], [300, 130], _V_TRUNCATE,
-     "Values (V): Spectral Truncate"),
+    *_spectra_nodes(_LANE_X + 40, _SPECTRAL_TOP + _GROUP_HEADER + 60, 300),
     ("s_attention", "SpectralAnchorAttention", [_LANE_X + 440, _SPECTRAL_TOP + _GROUP_HEADER], [300, 330],
      _SPECTRAL_ATTENTION),
     _note("s_note", [_LANE_X + 440, _SPECTRAL_TOP + _GROUP_HEADER + 400], 300, _SPECTRAL_LANE_NOTE, "Spectral lane"),
@@ -631,9 +647,7 @@ SIDE_BY_SIDE_COMPARISON_SDXL = WorkflowGraph(
         ("c_injection", "MODEL", "sampler_consistory", "model"),
         ("loader", "MODEL", "s_attention", "model"),
         ("story", "SPECTRAL_STORY", "s_attention", "story"),
-        ("k_truncate", "SPECTRUM", "s_attention", "key_spectrum"),
-        ("v_reweight", "SPECTRUM", "v_truncate", "spectrum"),
-        ("v_truncate", "SPECTRUM", "s_attention", "value_spectrum"),
+        *_spectra_links("s_attention"),
         ("s_attention", "MODEL", "sampler_spectral", "model"),
         *_lane_links("vanilla"),
         *_lane_links("consistory"),
@@ -714,9 +728,7 @@ SPECTRUM_PLOT_SDXL = WorkflowGraph(
         ("loader", "CheckpointLoaderSimple", [40, _below(_plot_overview)], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
         ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(_PLOT_SCENES, 1024)),
         _note("story_note", [520, 730], 440, _story_note(len(_PLOT_SCENES), 1024, "SDXL"), "Story prompts: the knobs"),
-        ("k_truncate", "SpectralTruncate", [1000, 40], [320, 130], _K_TRUNCATE, "Keys (K): Spectral Truncate"),
-        ("v_reweight", "SpectralReweight", [1000, 240], [320, 110], _V_REWEIGHT, "Values (V): Spectral Reweight"),
-        ("v_truncate", "SpectralTruncate", [1000, 420], [320, 130], _V_TRUNCATE, "Values (V): Spectral Truncate"),
+        *_spectra_nodes(1000, 40, 320),
         _note("spectra_note", [1000, 620], 420, _PLOT_SPECTRA_NOTE, "Spectra"),
         ("attention", "SpectralAnchorAttention", [1500, 40], [340, 330], _SPECTRAL_ATTENTION),
         _note("attention_note", [1500, 440], 380, _ATTENTION_NOTE, "Anchor attention: the knobs"),
@@ -733,18 +745,7 @@ SPECTRUM_PLOT_SDXL = WorkflowGraph(
         _note("plot_note", [2300, 1040], 900, _PLOT_NOTE, "Spectrum plot: the knobs"),
     ],
     links=[
-        ("loader", "CLIP", "story", "clip"),
-        ("loader", "MODEL", "attention", "model"),
-        ("k_truncate", "SPECTRUM", "attention", "key_spectrum"),
-        ("v_reweight", "SPECTRUM", "v_truncate", "spectrum"),
-        ("v_truncate", "SPECTRUM", "attention", "value_spectrum"),
-        ("story", "SPECTRAL_STORY", "attention", "story"),
-        ("attention", "MODEL", "sampler", "model"),
-        ("story", "positive", "sampler", "positive"),
-        ("story", "negative", "sampler", "negative"),
-        ("story", "latent", "sampler", "latent_image"),
-        ("sampler", "LATENT", "decode", "samples"),
-        ("loader", "VAE", "decode", "vae"),
+        *_SPECTRAL_PIPELINE_LINKS,
         ("decode", "IMAGE", "preview_images", "images"),
         ("attention", "MODEL", "plot_coarse", "model"),
         ("sampler", "LATENT", "plot_coarse", "samples"),
