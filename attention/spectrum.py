@@ -323,8 +323,8 @@ def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool, Tensor]:
     else:
         gram = _gram_float64(x if tall else x.mT)
     finite = torch.isfinite(gram).flatten(1).all(1)
-    if not bool(finite.all()):
-        gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
+    # Unconditional (no host sync): the Gram is small, and the caller checks `finite` once.
+    gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.flip(-1)  # eigh sorts ascending
     # A zero direction comes out as rounding noise of either sign, up to ~0.15 max(T, C) eps
