@@ -9,6 +9,7 @@ from .io_types import Spectrum
 from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import plot_layers_downstream
 from .spectrum_recording import recorder_of
+from .story_runs import anchors_mismatch
 from .unet_layers import LAYER_CHOICES, UnsupportedModelError
 
 # 0.01 keeps the very first step plain (it runs at the model's largest sigma, above this start) while sharing
@@ -91,6 +92,8 @@ class SpectralAnchorAttention(io.ComfyNode):
                                  "the story output of a Spectral Story Prompts node (and feed the sampler its "
                                  "positive conditioning and latent), or turn subject_masks off.")
             story.require_subject_in_every_scene()
+        if story is not None and story.is_split and story.anchor_count != anchors:
+            raise anchors_mismatch(anchors, story.anchor_count)
         plan = SharingPlan(anchor_count=anchors, layers=layers, start_percent=start_percent, end_percent=end_percent,
                            key_spectrum=key_spectrum, value_spectrum=value_spectrum, subject_masks=bool(subject_masks),
                            mask_dropout=float(mask_dropout), mask_seed=int(mask_seed), story=story,

@@ -13,6 +13,7 @@ from ..attention.sharing import shared_attention
 from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
 from .sampling_run import call_of, track_sampling_runs
 from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
+from .story_runs import track_story_runs
 from .subject_masks import install_subject_masks, subject_anchor_keep
 from .unet_layers import LayerKey, selected_layers, unet_of
 
@@ -64,6 +65,7 @@ def apply_sharing(model_patcher, plan: SharingPlan):
         logging.warning("SpectralAnchorAttention: another node already replaces self-attention on %s; "
                         "those layers are left to it.", ", ".join(map(str, taken)))
     track_sampling_runs(patched)
+    track_story_runs(patched, plan.anchor_count, plan.story)
     patched.set_attachments(PLAN_KEY, plan)
     model_sampling = patched.get_model_object("model_sampling")
     window = SigmaWindow(model_sampling.percent_to_sigma(plan.start_percent),

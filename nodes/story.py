@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 NODE_NAME = "Spectral Story Prompts"
-MAX_SCENES = 64
+MAX_SCENES = 64  # in one batch (images_per_batch 0)
+MAX_STORY_SCENES = 512  # in a story sampled in several runs
 # Rows of different token lengths are batched by repeating each row to the least common multiple of the lengths
 # (what ComfyUI does when it concatenates conditionings). 12 chunks covers every mix of 1- to 4-chunk prompts;
 # mixes such as 2, 3 and 5 chunks would need 30 chunks per row: far more cross-attention work and memory.
@@ -37,17 +38,18 @@ def parse_scenes(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check_scene_count(scene_count: int) -> None:
+def check_scene_count(scene_count: int, split: bool = False) -> None:
+    """`split`: the story runs in several sampler runs (images_per_batch > 0), so it may be longer than one batch."""
     if scene_count == 0:
         raise input_error("scenes", "no scenes. Write one scene per line, e.g. 'reading a book in a cozy library'.")
-    if scene_count > MAX_SCENES:
+    if split and scene_count > MAX_STORY_SCENES:
+        raise input_error("scenes", f"{scene_count} scenes, more than the {MAX_STORY_SCENES} one story may hold. "
+                                    f"Split them over several {NODE_NAME} nodes with the same anchor scenes.")
+    if not split and scene_count > MAX_SCENES:
         raise input_error(
             "scenes",
-            f"{scene_count} scenes, more than the {MAX_SCENES} one batch may hold. Split them over several "
-            f"{NODE_NAME} nodes, each with its own sampler, and give them the same subject, style, negative, size, "
-            "seed and same_noise setting. Start every list with the same anchor scenes (as many as the "
-            "attention node's anchors): anchors never depend on the other images, so every batch then shares "
-            "identical anchors and the subject stays the same across all of them.")
+            f"{scene_count} scenes, more than the {MAX_SCENES} one batch may hold. Set images_per_batch (e.g. 4): "
+            "the story is then sampled in several runs that each repeat the anchors, in the memory of one run.")
 
 
 def check_template(style: str) -> None:
@@ -91,22 +93,27 @@ def resolve_subject_word(subject: str, subject_word: str) -> str:
     return word
 
 
-def assemble_prompts(subject: str, scenes: str, style: str) -> list[str]:
+def assemble_prompts(subject: str, scenes: str, style: str, split: bool = False) -> list[str]:
     """The final positive prompt of every scene, in batch order, after every input check that needs no encoder."""
     check_template(style)
     scene_lines = parse_scenes(scenes)
-    check_scene_count(len(scene_lines))
+    check_scene_count(len(scene_lines), split)
     return [build_prompt(style, subject, scene) for scene in scene_lines]
 
 
 def validation_message(subject: str | None, subject_word: str | None, scenes: str | None,
-                       style: str | None) -> str | None:
+                       style: str | None, anchors: int | None = None,
+                       images_per_batch: int | None = None) -> str | None:
     """The first input problem among the known values (None = linked from another node, not known yet)."""
     try:
         if style is not None:
             check_template(style)
-        if scenes is not None:
-            check_scene_count(len(parse_scenes(scenes)))
+        scene_count = len(parse_scenes(scenes)) if scenes is not None else None
+        if scene_count is not None:
+            # A linked images_per_batch (None) is unknown until run: only the larger limit is certain.
+            check_scene_count(scene_count, images_per_batch is None or images_per_batch > 0)
+        if anchors is not None and images_per_batch is not None:
+            check_run_settings(scene_count or 0, anchors, images_per_batch)
         if subject is not None and subject_word is not None:
             resolve_subject_word(subject, subject_word)
     except ValueError as error:
@@ -169,6 +176,141 @@ def find_word_positions(chunks: Sequence[Sequence[int | None]], word: Sequence[i
     return tuple(positions)
 
 
+MAX_ANCHORS = 64
+DEFAULT_ANCHORS = 2
+
+
+@dataclass(frozen=True)
+class StoryRun:
+    """One sampler run of a story: what each row of its batch shows.
+
+    Rows are laid out as [reference rows][scene rows]: the first `reference_rows` rows hold reference images (none
+    yet; reserved so that reference anchors can take the anchor rows), then one row per entry of `scenes` (scene
+    indices, 0-based). The first `anchor_rows` rows are the anchors of this run. The first `replayed_rows` rows
+    repeat rows an earlier run already produced: in every run after the first, the anchors, and in a last run
+    that would be shorter than the others, the targets just before its own (so that every run has the same size
+    and ancestral samplers draw the anchors' per-step noise alike in every run). With deterministic samplers a
+    replayed row comes out identical to its first appearance; a sheet shows each scene once, from `new_rows`.
+    `noise_indices[r]` is row r's position in the one-batch layout, the latent's batch_index, so that ComfyUI's
+    prepare_noise gives every row the initial noise it has in one batch (all zeros with same_noise).
+    """
+
+    scenes: tuple[int, ...]
+    anchor_rows: int
+    noise_indices: tuple[int, ...]
+    replayed_rows: int = 0
+    reference_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.noise_indices) != self.row_count:
+            raise ValueError(f"StoryRun: {self.row_count} rows but {len(self.noise_indices)} noise indices")
+        if not 0 <= self.anchor_rows <= self.row_count or not 0 <= self.replayed_rows <= self.row_count:
+            raise ValueError(f"StoryRun: {self.anchor_rows} anchor rows and {self.replayed_rows} replayed rows in a "
+                             f"run of {self.row_count} rows")
+
+    @property
+    def row_count(self) -> int:
+        return self.reference_rows + len(self.scenes)
+
+    def scene_of(self, row: int) -> int | None:
+        """The scene row `row` shows, or None for a reference row."""
+        if not 0 <= row < self.row_count:
+            raise IndexError(f"row {row} of a run of {self.row_count} rows")
+        return None if row < self.reference_rows else self.scenes[row - self.reference_rows]
+
+    def is_anchor(self, row: int) -> bool:
+        return 0 <= row < self.anchor_rows
+
+    def is_replayed(self, row: int) -> bool:
+        return 0 <= row < self.replayed_rows
+
+    @property
+    def new_rows(self) -> tuple[int, ...]:
+        """The scene rows this run is the first to produce (a sheet's cells, in row order)."""
+        return tuple(range(max(self.replayed_rows, self.reference_rows), self.row_count))
+
+
+@dataclass(frozen=True)
+class StoryLayout:
+    """How a story is split into sampler runs (shared/METHOD.md section 4).
+
+    Every run holds the `anchor_count` anchors first (the first scenes, or later the reference rows), then the
+    next scenes in order. `images_per_batch` is the requested run size (0 = the whole story in one run).
+    """
+
+    anchor_count: int
+    images_per_batch: int
+    runs: tuple[StoryRun, ...]
+
+    @property
+    def run_count(self) -> int:
+        return len(self.runs)
+
+    @property
+    def rows_per_run(self) -> tuple[int, ...]:
+        return tuple(run.row_count for run in self.runs)
+
+    @property
+    def sampled_rows(self) -> int:
+        """Rows sampled over all runs, replays included (the compute, in images)."""
+        return sum(self.rows_per_run)
+
+    def scene_order(self) -> tuple[tuple[int, int], ...]:
+        """(run, row) of every scene's first appearance, in scene order: where a sheet takes each cell from."""
+        found: dict[int, tuple[int, int]] = {}
+        for run_index, run in enumerate(self.runs):
+            for row in run.new_rows:
+                found.setdefault(run.scene_of(row), (run_index, row))
+        return tuple(found[scene] for scene in sorted(found))
+
+
+def plan_runs(scene_count: int, anchor_count: int = DEFAULT_ANCHORS, images_per_batch: int = 0,
+              same_noise: bool = False) -> StoryLayout:
+    """The runs of a story: one run of every scene, or runs of the anchors followed by the next targets.
+
+    Every run of a split story has images_per_batch rows: a last run that would be shorter starts earlier, so its
+    first targets replay the previous run's last ones.
+    """
+    check_run_settings(scene_count, anchor_count, images_per_batch)
+
+    def noise(scenes: tuple[int, ...]) -> tuple[int, ...]:
+        return (0,) * len(scenes) if same_noise else scenes
+
+    if images_per_batch == 0 or scene_count <= images_per_batch:
+        scenes = tuple(range(scene_count))
+        runs = (StoryRun(scenes=scenes, anchor_rows=min(anchor_count, scene_count), noise_indices=noise(scenes)),)
+        return StoryLayout(anchor_count=anchor_count, images_per_batch=images_per_batch, runs=runs)
+    anchors = tuple(range(anchor_count))
+    targets_per_run = images_per_batch - anchor_count
+    runs = []
+    for first in range(anchor_count, scene_count, targets_per_run):
+        start = min(first, scene_count - targets_per_run)  # the last run starts early rather than run short
+        scenes = anchors + tuple(range(start, start + targets_per_run))
+        runs.append(StoryRun(scenes=scenes, anchor_rows=anchor_count, noise_indices=noise(scenes),
+                             replayed_rows=anchor_count + (first - start) if runs else 0))
+    return StoryLayout(anchor_count=anchor_count, images_per_batch=images_per_batch, runs=tuple(runs))
+
+
+def check_run_settings(scene_count: int, anchor_count: int, images_per_batch: int) -> None:
+    """The input errors of anchors / images_per_batch, for the node's execute and for queue-time validation."""
+    if not 1 <= anchor_count <= MAX_ANCHORS:
+        raise input_error("anchors", f"{anchor_count} is outside 1..{MAX_ANCHORS}. 2 is the research default.")
+    if images_per_batch < 0:
+        raise input_error("images_per_batch", f"{images_per_batch} is negative. Use 0 for one run of every scene.")
+    if images_per_batch == 0:
+        return
+    if images_per_batch <= anchor_count:
+        raise input_error(
+            "images_per_batch",
+            f"{images_per_batch} images per run leaves no room for new scenes after the {anchor_count} anchors "
+            f"every run repeats. Set it above anchors (e.g. {anchor_count + 2}), or to 0 for one run of every scene.")
+    if scene_count and anchor_count > scene_count:
+        raise input_error(
+            "anchors",
+            f"{anchor_count} anchors but only {scene_count} scenes. Anchors are the first scenes: write at least "
+            f"{anchor_count} scene lines, or lower anchors.")
+
+
 @dataclass(frozen=True)
 class Story:
     """One subject in several scenes: what SpectralStoryPrompts made, for the nodes that build on it.
@@ -191,12 +333,63 @@ class Story:
     same_noise: bool
     # Added beyond the minimal contract, defaulted so that Story(...) without them stays valid.
     sequence_lengths: tuple[int, ...] = ()  # per scene: its own token count (77 per chunk) before repetition
+    # The sampler runs (StoryLayout); None means one run of every scene with the default anchors.
+    layout: StoryLayout | None = None
+    # The scene lines as written (labels of a sheet); empty = unknown, the prompts stand in.
+    scenes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.subject_tokens) != len(self.prompts):
             raise ValueError(f"Story: {len(self.prompts)} prompts but {len(self.subject_tokens)} subject_tokens rows")
         if self.sequence_lengths and len(self.sequence_lengths) != len(self.prompts):
             raise ValueError(f"Story: {len(self.prompts)} prompts but {len(self.sequence_lengths)} sequence_lengths")
+        if self.scenes and len(self.scenes) != len(self.prompts):
+            raise ValueError(f"Story: {len(self.prompts)} prompts but {len(self.scenes)} scene lines")
+        if self.layout is None:
+            layout = plan_runs(len(self.prompts), min(DEFAULT_ANCHORS, max(len(self.prompts), 1)), 0,
+                               self.same_noise) if self.prompts else StoryLayout(DEFAULT_ANCHORS, 0, ())
+            object.__setattr__(self, "layout", layout)
+        for run in self.layout.runs:
+            if any(not 0 <= scene < len(self.prompts) for scene in run.scenes):
+                raise ValueError(f"Story: a run shows scene indices {run.scenes}, outside the {len(self.prompts)} "
+                                 "scenes")
+
+    def scene_text(self, scene: int) -> str:
+        """Scene `scene`'s line as the user wrote it (its prompt when unknown)."""
+        return self.scenes[scene] if self.scenes else self.prompts[scene]
+
+    @property
+    def anchor_count(self) -> int:
+        return self.layout.anchor_count
+
+    @property
+    def run_count(self) -> int:
+        return self.layout.run_count
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the story is sampled in more than one run (the anchors are then replayed in every run)."""
+        return self.layout.run_count > 1
+
+    def for_run(self, run_index: int) -> Story:
+        """The rows of one run as a one-run story: prompt, subject tokens and token count of each row, in row order.
+
+        Reference rows (none yet) have no prompt: an empty prompt and no subject tokens.
+        """
+        run = self.layout.runs[run_index]
+        scenes = [run.scene_of(row) for row in range(run.row_count)]
+        lengths = tuple(self.sequence_lengths[s] if s is not None else 0 for s in scenes) \
+            if self.sequence_lengths else ()
+        # Row r of the run is prompt r of the one-run story (reference rows keep their place, with no prompt).
+        rows = StoryLayout(anchor_count=self.anchor_count, images_per_batch=0,
+                           runs=(StoryRun(scenes=tuple(range(run.reference_rows, run.row_count)),
+                                          anchor_rows=run.anchor_rows, reference_rows=run.reference_rows,
+                                          noise_indices=tuple(range(run.row_count))),))
+        return Story(prompts=tuple(self.prompts[s] if s is not None else "" for s in scenes),
+                     scenes=tuple(self.scene_text(s) if s is not None else "" for s in scenes),
+                     subject_tokens=tuple(self.subject_tokens[s] if s is not None else () for s in scenes),
+                     subject_word=self.subject_word, width=self.width, height=self.height, same_noise=self.same_noise,
+                     sequence_lengths=lengths, layout=rows)
 
     @property
     def scene_count(self) -> int:

@@ -12,17 +12,24 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack's own modules are i
 
 from . import io_types
 from .story import (
+    DEFAULT_ANCHORS,
+    MAX_ANCHORS,
     MAX_SCENES,
+    MAX_STORY_SCENES,
     Story,
     assemble_prompts,
     check_common_length,
+    check_run_settings,
     common_length,
     find_word_positions,
     input_error,
+    parse_scenes,
+    plan_runs,
     resolve_subject_word,
     text_tokens,
     validation_message,
 )
+from .story_runs import StoryRunTag, tagged
 
 DEFAULT_STYLE = "a photo of {subject} {scene}, cinematic, highly detailed"
 DEFAULT_NEGATIVE = "blurry, lowres, deformed, watermark, text"
@@ -53,19 +60,26 @@ class _TokenLocator:
         return find_word_positions(_token_ids(tokens), self.word_ids, self.start_token, self.end_token)
 
 
-def _batch_rows(rows: list[list], input_name: str) -> list:
+def _common_lengths(rows: list[list]) -> list[int]:
+    """Per conditioning entry, the token length every prompt's context is repeated to when batched."""
+    if len({len(entries) for entries in rows}) != 1:
+        raise input_error("clip", "the text encoder returned a different number of conditioning entries per prompt.")
+    return [common_length([entry[0].shape[1] for entry in entries]) for entries in zip(*rows, strict=True)]
+
+
+def _batch_rows(rows: list[list], input_name: str, lengths: list[int] | None = None) -> list:
     """Stack single-prompt CONDITIONINGs into one whose row b is prompt b.
 
     Each context is repeated to the common token length, exactly as comfy/conds.py CONDCrossAttn.concat does
     when ComfyUI batches conditionings itself: attention over a repeated sequence equals attention over the
     sequence, so every row conditions its image as it would alone. Padding tokens would change that.
+    `lengths`: per entry, the token length to repeat to (a run of a story uses the whole story's, so its rows are
+    the rows of the one-batch story bit for bit); None = the common length of these rows.
     """
-    if len({len(entries) for entries in rows}) != 1:
-        raise input_error("clip", "the text encoder returned a different number of conditioning entries per prompt.")
+    lengths = _common_lengths(rows) if lengths is None else lengths
     batched = []
-    for entries in zip(*rows, strict=True):
+    for entries, length in zip(zip(*rows, strict=True), lengths, strict=True):
         contexts = [entry[0] for entry in entries]
-        length = common_length([context.shape[1] for context in contexts])
         context = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in contexts])
         extras = {}
         for key in dict.fromkeys(k for entry in entries for k in entry[1]):
@@ -93,7 +107,9 @@ class SpectralStoryPrompts(io.ComfyNode):
                 "the subject and scene b. Outputs the batched positive conditioning (one row per scene), the "
                 "negative, an empty latent with one image per scene, and a STORY that tells the other Spectral "
                 "nodes where the subject word sits in every prompt. Works with SDXL (both text encoders, pooled "
-                "output and size conditioning) and SD1.x / SD2.x CLIPs."
+                "output and size conditioning) and SD1.x / SD2.x CLIPs. With images_per_batch, the story is split "
+                "into several sampler runs that each repeat the anchors (lists: the sampler runs once per entry), "
+                "for character sheets of any length in the memory of one run; Spectral Sheet puts them together."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder from the checkpoint loader (SDXL or SD1.x / SD2.x)."),
@@ -108,8 +124,9 @@ class SpectralStoryPrompts(io.ComfyNode):
                                 default="reading a book in a cozy library\nwalking through a snowy forest\n"
                                         "sitting in a cafe by the window",
                                 tooltip=f"One scene per line; each line becomes one image of the batch, in order. "
-                                        f"Blank lines are ignored. At most {MAX_SCENES} scenes. The first lines are "
-                                        "the anchors of Spectral Anchor Attention."),
+                                        f"Blank lines are ignored. At most {MAX_SCENES} scenes in one batch (more with "
+                                        "images_per_batch). The first lines (as many as anchors) are the anchors of "
+                                        "Spectral Anchor Attention."),
                 io.String.Input("style", default=DEFAULT_STYLE, multiline=True, dynamic_prompts=False,
                                 tooltip="The prompt template of every image: {subject} and {scene} are replaced by "
                                         "the subject and the scene line. Both placeholders are required."),
@@ -123,15 +140,28 @@ class SpectralStoryPrompts(io.ComfyNode):
                                  tooltip="Start every image from the same initial noise (with the stock KSampler "
                                          "and any sampler that honours the latent's batch_index): more identity, "
                                          "less variety of pose and layout."),
+                io.Int.Input("anchors", default=DEFAULT_ANCHORS, min=1, max=MAX_ANCHORS, optional=True,
+                             tooltip="How many of the first scenes are anchors. Must equal Spectral Anchor "
+                                     "Attention's anchors when images_per_batch splits the story: every run "
+                                     "repeats these scenes first."),
+                io.Int.Input("images_per_batch", default=0, min=0, max=MAX_SCENES, optional=True,
+                             tooltip="0 = the whole story in one sampler run (one batch). Otherwise the story is "
+                                     "sampled in several runs of at most this many images: each run holds the "
+                                     "anchors again, then the next scenes, so memory depends on this number and "
+                                     "not on the story's length, and every image comes out as in one batch "
+                                     f"(deterministic samplers). Must be above anchors. Up to {MAX_STORY_SCENES} "
+                                     "scenes when split. Feed the decoded images of all runs to Spectral Sheet."),
             ],
             outputs=[
-                io.Conditioning.Output("positive_conditioning", display_name="positive",
-                                       tooltip="One row per scene, in order: row b conditions image b."),
-                io.Conditioning.Output("negative_conditioning", display_name="negative",
-                                       tooltip="The negative prompt, shared by every image."),
-                io.Latent.Output("latent", display_name="latent",
-                                 tooltip="An empty latent with one image per scene (and, with same_noise, one "
-                                         "shared noise index)."),
+                io.Conditioning.Output("positive_conditioning", display_name="positive", is_output_list=True,
+                                       tooltip="One conditioning per sampler run (a single one without "
+                                               "images_per_batch); row b conditions image b of its run."),
+                io.Conditioning.Output("negative_conditioning", display_name="negative", is_output_list=True,
+                                       tooltip="The negative prompt, shared by every image; one per sampler run."),
+                io.Latent.Output("latent", display_name="latent", is_output_list=True,
+                                 tooltip="An empty latent per sampler run, one image per row of the run; its "
+                                         "batch_index gives every image its one-batch noise (with same_noise, "
+                                         "one shared noise)."),
                 io_types.Story.Output("story", display_name="story",
                                       tooltip="The prompts and where the subject word sits in each, for the other "
                                               "Spectral Anchors nodes."),
@@ -140,17 +170,22 @@ class SpectralStoryPrompts(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, subject: str | None = None, subject_word: str | None = None, scenes: str | None = None,
-                        style: str | None = None) -> bool | str:
+                        style: str | None = None, anchors: int | None = None,
+                        images_per_batch: int | None = None) -> bool | str:
         # Runs when the prompt is queued, before any model loads; inputs fed by links arrive as None.
-        message = validation_message(subject, subject_word, scenes, style)
+        message = validation_message(subject, subject_word, scenes, style, anchors, images_per_batch)
         return True if message is None else message
 
     @classmethod
     def execute(cls, clip, subject: str, subject_word: str, scenes: str, style: str, negative: str, width: int,
-                height: int, same_noise: bool) -> io.NodeOutput:
+                height: int, same_noise: bool, anchors: int = DEFAULT_ANCHORS,
+                images_per_batch: int = 0) -> io.NodeOutput:
         if clip is None:
             raise input_error("clip", "no text encoder. Connect the CLIP output of a checkpoint loader.")
-        prompts = assemble_prompts(subject, scenes, style)
+        anchors, images_per_batch = int(anchors), int(images_per_batch)
+        check_run_settings(0, anchors, images_per_batch)
+        prompts = assemble_prompts(subject, scenes, style, split=images_per_batch > 0)
+        layout = plan_runs(len(prompts), anchors, images_per_batch, bool(same_noise))
         word = resolve_subject_word(subject, subject_word)
         locator = _TokenLocator(clip, word)
         if not locator.positions(clip.tokenize(subject)):
@@ -171,17 +206,24 @@ class SpectralStoryPrompts(io.ComfyNode):
             if row[0][0].shape[1] != length:
                 raise input_error("clip", "this text encoder's output does not follow its tokens one to one; use an "
                                           "SD1.x, SD2.x or SDXL CLIP.")
-        positive = _batch_rows(rows, "clip")
         negative_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(negative), add_dict=size)
-
-        samples = torch.zeros([len(prompts), 4, height // 8, width // 8],
-                              device=comfy.model_management.intermediate_device())
-        latent = {"samples": samples}
-        if same_noise:
-            # The stock KSampler draws image b's noise as noise number batch_index[b] of the seed.
-            latent["batch_index"] = [0] * len(prompts)
-
         story = Story(prompts=tuple(prompts), subject_tokens=tuple(locator.positions(t) for t in tokenized),
                       subject_word=word, width=width, height=height, same_noise=same_noise,
-                      sequence_lengths=tuple(lengths))
-        return io.NodeOutput(positive, negative_conditioning, latent, story)
+                      sequence_lengths=tuple(lengths), layout=layout, scenes=tuple(parse_scenes(scenes)))
+
+        # Every run's rows are repeated to the whole story's common length: the rows of the one-batch story.
+        story_lengths = _common_lengths(rows)
+        positives, negatives, latents = [], [], []
+        for index, run in enumerate(layout.runs):
+            positive = _batch_rows([rows[scene] for scene in run.scenes], "clip", story_lengths)
+            positives.append(tagged(positive, StoryRunTag(story=story, run=index)))
+            negatives.append(negative_conditioning)
+            samples = torch.zeros([run.row_count, 4, height // 8, width // 8],
+                                  device=comfy.model_management.intermediate_device())
+            latent = {"samples": samples}
+            if same_noise or story.is_split:
+                # The stock KSampler draws image b's noise as noise number batch_index[b] of the seed: each row
+                # gets its noise of the one-batch layout (all the same with same_noise).
+                latent["batch_index"] = list(run.noise_indices)
+            latents.append(latent)
+        return io.NodeOutput(positives, negatives, latents, story)

@@ -28,6 +28,7 @@ from ..attention.masks import SubjectMaskHistory, subject_token_probabilities
 from ..attention.sharing import anchor_count_in_chunk
 from .query_blend import recording_queries
 from .sampling_run import SamplingRun, call_of
+from .story_runs import rows_of_story
 from .unet_layers import LayerKey
 
 MASKS_KEY = "spectral_anchors.subject_masks"
@@ -121,7 +122,7 @@ def _copies_per_image(story, images: int, context_tokens: int) -> torch.Tensor:
                          for length in lengths], dtype=torch.float32)
 
 
-def install_subject_masks(model_patcher, story, dropout: float, seed: int) -> None:
+def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: int) -> None:
     """Register the cross-attention reader (attn2_patch) and the wrapper that hands it the UNet, on a clone."""
     coarsest = coarsest_cross_attention_layers(model_patcher.model.diffusion_model)
 
@@ -142,6 +143,7 @@ def install_subject_masks(model_patcher, story, dropout: float, seed: int) -> No
             return n, context, value
         per_chunk = n.shape[0] // len(cond_or_uncond)
         first = cond_or_uncond.index(0) * per_chunk
+        story = rows_of_story(story_of_plan, extra_options)  # a split story's rows of the run being sampled
         cond_context = context if context.shape[0] == n.shape[0] else context.expand(n.shape[0], -1, -1)
         cond_context = cond_context[first:first + per_chunk]
         history = _history_of(call.run, story_tokens_for_batch(story, per_chunk), dropout, seed)

@@ -16,6 +16,7 @@ import nodes as comfy_nodes
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.story import MAX_SCENES, Story, build_prompt, default_subject_word, find_word_positions
 from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+from spectral_anchors.nodes.story_runs import RUN_TAG_KEY, StoryRunTag
 
 SUBJECT = "a red fox wearing a blue scarf"
 STYLE = "a photo of {subject} {scene}, cinematic"
@@ -27,9 +28,12 @@ LONG_TAIL = "at golden hour with waves " * 16
 
 
 def run(clip, **overrides):
+    """The node's outputs for a one-run story: its list outputs hold one entry, unwrapped here."""
     inputs = {"subject": SUBJECT, "subject_word": "fox", "scenes": "\n".join(SCENES), "style": STYLE,
               "negative": "blurry, lowres", "same_noise": False, **SMALL, **overrides}
-    return SpectralStoryPrompts.execute(clip=clip, **inputs).result
+    positives, negatives, latents, story = SpectralStoryPrompts.execute(clip=clip, **inputs).result
+    assert len(positives) == len(negatives) == len(latents) == 1 and story.run_count == 1
+    return positives[0], negatives[0], latents[0], story
 
 
 def size_keys(width: int, height: int) -> dict:
@@ -81,7 +85,8 @@ def test_one_row_per_scene_equal_to_encoding_each_prompt_alone(clip):
         assert torch.equal(context[row:row + 1], alone[0][0])
         assert torch.equal(extras["pooled_output"][row:row + 1], alone[0][1]["pooled_output"])
     assert not torch.equal(context[0], context[1])
-    assert {k: v for k, v in extras.items() if k != "pooled_output"} == size_keys(**SMALL)
+    assert {k: v for k, v in extras.items() if k not in ("pooled_output", RUN_TAG_KEY)} == size_keys(**SMALL)
+    assert extras[RUN_TAG_KEY] == StoryRunTag(story=story, run=0)
 
     negative_alone = encode_alone(clip, "blurry, lowres", **size_keys(**SMALL))
     assert torch.equal(negative[0][0], negative_alone[0][0])
@@ -211,7 +216,10 @@ def test_missing_subject_word_in_a_scene_is_named_when_masks_need_it(clip):
 
 @pytest.mark.parametrize(("overrides", "input_name", "needle"), [
     ({"scenes": "\n   \n\n"}, "scenes", "no scenes"),
-    ({"scenes": "\n".join(f"scene {i}" for i in range(MAX_SCENES + 1))}, "scenes", "Split them over several"),
+    ({"scenes": "\n".join(f"scene {i}" for i in range(MAX_SCENES + 1))}, "scenes", "Set images_per_batch"),
+    ({"images_per_batch": 2}, "images_per_batch", "no room for new scenes after the 2 anchors"),
+    ({"images_per_batch": 4, "anchors": 4}, "images_per_batch", "no room for new scenes after the 4 anchors"),
+    ({"images_per_batch": 6, "anchors": 4}, "anchors", "4 anchors but only 3 scenes"),
     ({"style": "a photo of {subject}, cinematic"}, "style", "no {scene} placeholder"),
     ({"style": "a photo of {scene}"}, "style", "no {subject} placeholder"),
     ({"subject_word": "wolf"}, "subject_word", "'wolf' is not a word of the subject"),
@@ -224,7 +232,8 @@ def test_input_errors_name_the_node_and_input_early(clip, overrides, input_name,
     message = str(error.value)
     assert message.startswith(f"Spectral Story Prompts, input '{input_name}'") and needle in message
     # The same problem is reported when the prompt is queued, before anything runs.
-    inputs = {"subject": SUBJECT, "subject_word": "fox", "scenes": "\n".join(SCENES), "style": STYLE, **overrides}
+    inputs = {"subject": SUBJECT, "subject_word": "fox", "scenes": "\n".join(SCENES), "style": STYLE, "anchors": 2,
+              "images_per_batch": 0, **overrides}
     assert SpectralStoryPrompts.validate_inputs(**inputs) == message
 
 
@@ -251,7 +260,7 @@ def test_sdxl_size_conditioning_matches_clip_text_encode_sdxl(clip, family):
         stock = CLIPTextEncodeSDXL.execute(clip, 1024, 576, 0, 0, 1024, 576, prompt, prompt).result[0]
         assert torch.equal(positive[0][0][row:row + 1], stock[0][0])
         assert torch.equal(positive[0][1]["pooled_output"][row:row + 1], stock[0][1]["pooled_output"])
-        assert {k: v for k, v in positive[0][1].items() if k != "pooled_output"} == \
+        assert {k: v for k, v in positive[0][1].items() if k not in ("pooled_output", RUN_TAG_KEY)} == \
                {k: v for k, v in stock[0][1].items() if k != "pooled_output"}
     assert {k: v for k, v in negative[0][1].items() if k != "pooled_output"} == size_keys(1024, 576)
 
@@ -266,7 +275,8 @@ def test_registered_with_a_valid_schema():
     assert SpectralStoryPrompts in node_list()
     schema = SpectralStoryPrompts.GET_SCHEMA()
     assert [i.id for i in schema.inputs] == ["clip", "subject", "subject_word", "scenes", "style", "negative",
-                                             "width", "height", "same_noise"]
+                                             "width", "height", "same_noise", "anchors", "images_per_batch"]
+    assert [o.is_output_list for o in schema.outputs] == [True, True, True, False]
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs) and schema.description
     assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "CONDITIONING", "LATENT", "SPECTRAL_STORY"]
 
