@@ -241,11 +241,12 @@ export const INPUT_RANGES = {
     width: { min: 64, max: 16384, integer: true },
     height: { min: 64, max: 16384, integer: true },
     anchors: { min: 1, max: 64, integer: true },
-    images_per_batch: { min: 0, integer: true },
+    images_per_batch: { min: 0, max: 64, integer: true },
   },
 };
 
-const MAX_SCENES = 64; // nodes/story.py MAX_SCENES
+const MAX_SCENES = 64; // nodes/story.py: MAX_SCENES in one batch, MAX_STORY_SCENES in a story split into runs
+const MAX_STORY_SCENES = 512;
 const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
 
 function storyOf(node) {
@@ -291,7 +292,9 @@ export const VALUE_RULES = {
     (node) => {
       const count = sceneCount(node);
       if (count === 0) return "no scenes: write one per line";
-      return count > MAX_SCENES ? `${count} scenes: at most ${MAX_SCENES}` : null;
+      const perBatch = widgetValue(node, "images_per_batch");
+      const most = isNumber(perBatch) && perBatch > 0 ? MAX_STORY_SCENES : MAX_SCENES;
+      return count > most ? `${count} scenes: at most ${most}` : null;
     },
     (node) => {
       const perBatch = widgetValue(node, "images_per_batch");
@@ -315,7 +318,8 @@ function rangeWarnings(node) {
     const low = range.min ?? -Infinity;
     const high = range.max ?? Infinity;
     if (!Number.isFinite(value) || value < low || value > high) {
-      warnings.push(`${name} ${formatNumber(value)} outside ${formatNumber(low)}..${range.max === undefined ? "" : formatNumber(high)}`);
+      const upper = range.max === undefined ? "" : formatNumber(high);
+      warnings.push(`${name} ${formatNumber(value)} outside ${formatNumber(low)}..${upper}`);
     } else if (range.integer && !Number.isInteger(value)) {
       warnings.push(`${name} must be a whole number, not ${formatNumber(value)}`);
     }
@@ -439,27 +443,56 @@ function makeReactive(object) {
   }
 }
 
+// The Vue renderer keys its node components by node id and may keep one (and the badge objects it last read)
+// when a graph is cleared and refilled with nodes of the same ids, so the reactive slots belong to (graph, id)
+// rather than to a node object: whichever node holds that id now writes into the objects on screen.
+const slotRegistry = new WeakMap(); // graph -> Map(node id -> slot objects)
+
+function newSlots() {
+  return Array.from({ length: BADGE_SLOTS }, () => makeReactive({ text: "", fgColor: "", bgColor: "" }));
+}
+
+function slotsOf(graph, id, create = true) {
+  let byId = slotRegistry.get(graph);
+  if (!byId) {
+    if (!create) return null;
+    byId = new Map();
+    slotRegistry.set(graph, byId);
+  }
+  let slots = byId.get(id);
+  if (!slots && create) {
+    slots = newSlots();
+    byId.set(id, slots);
+  }
+  return slots ?? null;
+}
+
+function writeSlots(slots, hints) {
+  slots.forEach((slot, index) => {
+    const hint = hints[index];
+    const colors = hint ? pillColors(hint) : { fg: "", bg: "" };
+    const text = hint ? hint.text : "";
+    // Only changed fields are written: each write re-renders the node.
+    if (slot.text !== text) slot.text = text;
+    if (slot.fgColor !== colors.fg) slot.fgColor = colors.fg;
+    if (slot.bgColor !== colors.bg) slot.bgColor = colors.bg;
+  });
+}
+
+const UNPLACED = Object.freeze({ text: "", fgColor: "", bgColor: "" });
+
 class HintSlots {
   constructor(node) {
     this.node = node;
-    this.slots = Array.from({ length: BADGE_SLOTS }, () => makeReactive({ text: "", fgColor: "", bgColor: "" }));
-    this.entries = this.slots.map((slot, index) => () => {
-      if (vueNodesMode()) return slot;
+    this.entries = Array.from({ length: BADGE_SLOTS }, (_, index) => () => {
+      if (vueNodesMode()) return node.graph ? slotsOf(node.graph, node.id)[index] : UNPLACED;
       return index === 0 ? new HintRow(node.getSpectralHints()) : NO_BADGE;
     });
   }
 
-  // Copy the current hints into the slots; only changed fields are written (each write re-renders the node).
   refresh() {
-    const hints = this.node.getSpectralHints().slice(0, BADGE_SLOTS);
-    this.slots.forEach((slot, index) => {
-      const hint = hints[index];
-      const colors = hint ? pillColors(hint) : { fg: "", bg: "" };
-      const text = hint ? hint.text : "";
-      if (slot.text !== text) slot.text = text;
-      if (slot.fgColor !== colors.fg) slot.fgColor = colors.fg;
-      if (slot.bgColor !== colors.bg) slot.bgColor = colors.bg;
-    });
+    const { node } = this;
+    if (node.graph) writeSlots(slotsOf(node.graph, node.id), node.getSpectralHints().slice(0, BADGE_SLOTS));
   }
 }
 
@@ -473,13 +506,19 @@ function graphsOnScreen() {
 
 function refreshAll() {
   for (const graph of graphsOnScreen()) {
+    const present = new Set();
     for (const node of graph.nodes ?? graph._nodes ?? []) {
+      present.add(node.id);
       try {
         node[CONTROLLER]?.refresh();
       } catch (error) {
         if (!warnedNodes.has(node)) console.warn(`[${EXTENSION_NAME}] hint refresh failed for node ${node.id}:`, error);
         warnedNodes.add(node);
       }
+    }
+    // Ids no pack node holds any more (removed, or now another node type) show nothing.
+    for (const [id, slots] of slotRegistry.get(graph) ?? []) {
+      if (!present.has(id) || !graph.getNodeById?.(id)?.[CONTROLLER]) writeSlots(slots, []);
     }
   }
 }

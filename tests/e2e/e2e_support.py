@@ -357,15 +357,17 @@ async (workflow) => {
 """
 
 # JS run in the page: build a graph with the LiteGraph API. nodes: [key, type, pos, size|null, {widget: value}];
-# links: [from key, output type or name, to key, input name]. Returns the node ids by key.
+# links: [from key, output type or name, to key, input name]. Returns the node ids by key. firstId (optional) numbers
+# the nodes from there, so they do not take the ids of a graph shown before.
 BUILD_GRAPH_JS = """
-({nodes, links, graphId, scale, offset}) => {
+({nodes, links, graphId, scale, offset, firstId}) => {
   app.graph.clear();
   if (graphId) app.graph.id = graphId;
   const made = {};
-  for (const [key, type, pos, size, widgets] of nodes) {
+  for (const [index, [key, type, pos, size, widgets]] of nodes.entries()) {
     const node = LiteGraph.createNode(type);
     if (!node) throw new Error(`node type ${type} is not registered`);
+    if (firstId) node.id = firstId + index;
     node.pos = pos;
     app.graph.add(node);
     for (const [name, value] of Object.entries(widgets)) {
@@ -443,19 +445,32 @@ RENDERED_HINTS_JS = """
   const drawn = [];
   const proto = CanvasRenderingContext2D.prototype;
   const {fillText, fill} = proto;
+  const canvas = app.canvas;
+  const drawNode = canvas.drawNode;
   let lastFill = null;
+  let drawing = null;  // only what is drawn while the canvas draws this node (its badges included)
+  canvas.drawNode = function (current, ...rest) {
+    drawing = current;
+    try { return drawNode.call(this, current, ...rest); } finally { drawing = null; }
+  };
   proto.fill = function (...rest) { lastFill = this.fillStyle; return fill.apply(this, rest); };
   proto.fillText = function (text, ...rest) {
-    drawn.push({text: String(text), color: String(this.fillStyle),
-                background: lastFill === null ? null : String(lastFill), visible: true});
+    if (drawing === node) {
+      drawn.push({text: String(text), color: String(this.fillStyle),
+                  background: lastFill === null ? null : String(lastFill), visible: true});
+    }
     return fillText.call(this, text, ...rest);
   };
   try {
-    app.canvas.setDirty(true, true);
-    app.canvas.draw(true, true);
+    canvas.setDirty(true, true);
+    canvas.draw(true, true);
   } finally {
     proto.fillText = fillText;
     proto.fill = fill;
+    if (Object.prototype.hasOwnProperty.call(canvas, 'drawNode') && canvas.drawNode !== drawNode) {
+      delete canvas.drawNode;
+      if (canvas.drawNode !== drawNode) canvas.drawNode = drawNode;
+    }
   }
   // The badge entries as the canvas gets them (functions or badge objects), for their own fields.
   const badges = (node?.badges ?? []).map((b) => (typeof b === 'function' ? b() : b))
