@@ -121,6 +121,7 @@ class SpectralStoryPrompts(io.ComfyNode):
                                         "(for subject masks). Empty uses the subject's last word, so set it when "
                                         "that is not the noun: 'fox' in 'a red fox wearing a blue scarf'."),
                 io.String.Input("scenes", multiline=True, dynamic_prompts=False,
+                                placeholder="scenes: one per line, e.g. reading a book in a cozy library",
                                 default="reading a book in a cozy library\nwalking through a snowy forest\n"
                                         "sitting in a cafe by the window",
                                 tooltip=f"One scene per line; each line becomes one image of the batch, in order. "
@@ -128,9 +129,11 @@ class SpectralStoryPrompts(io.ComfyNode):
                                         "images_per_batch). The first lines (as many as anchors) are the anchors of "
                                         "Spectral Anchor Attention."),
                 io.String.Input("style", default=DEFAULT_STYLE, multiline=True, dynamic_prompts=False,
+                                placeholder="style: a template with {subject} and {scene}",
                                 tooltip="The prompt template of every image: {subject} and {scene} are replaced by "
                                         "the subject and the scene line. Both placeholders are required."),
                 io.String.Input("negative", default=DEFAULT_NEGATIVE, multiline=True, dynamic_prompts=False,
+                                placeholder="negative: what no image should show",
                                 tooltip="The negative prompt, shared by every image."),
                 io.Int.Input("width", default=1024, min=64, max=comfy_nodes.MAX_RESOLUTION, step=8,
                              tooltip="Image width in pixels: the latent's width (/8) and SDXL's size conditioning."),

@@ -43,6 +43,20 @@ MODEL_LOADERS = {
     "CLIPVisionLoader": "clip_vision", "UpscaleModelLoader": "upscale_models",
 }
 SERVER_START_TIMEOUT = 240.0
+# The newest comfyui-frontend-package from PyPI, installed (pip --target, no dependencies) for the browser tests
+# of both renderers; cached under .comfy-state (git-ignored) so a second run installs nothing.
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+LATEST_FRONTEND_DIR = PACK_ROOT / ".comfy-state" / "frontend-latest"
+# Console errors of the frontend itself, not of the pack: comfyui-frontend-package 1.58.x asks every server for
+# /api/jobs, which ComfyUI 0.3.75 does not have (404) and 0.8.0 answers 400 for status=cancelled; it then logs
+# these. A fresh user's start-up 404s (user.css, empty userdata folders, templates index) are the app's own too.
+KNOWN_CONSOLE_ERRORS = (
+    re.compile(r"/api/jobs\?"),
+    re.compile(r"\[Jobs API\] Error fetching jobs"),
+    re.compile(r"Failed to fetch (queue|jobs)"),
+    re.compile(r"JobsApiError"),
+    re.compile(r"status of 404 \(Not Found\) @ \S*/(user\.css|api/userdata)"),
+)
 APP_READY_TIMEOUT_MS = 180_000
 
 
@@ -150,12 +164,46 @@ def prepare_test_base(base: Path) -> None:
             (base / "models" / folder / name).touch(exist_ok=True)
 
 
-def start_server(base: Path) -> ComfyServer:
-    """Start ComfyUI (CPU) on a free loopback port with base as its base directory; wait until it answers."""
+def newest_frontend_version() -> str:
+    """The newest comfyui-frontend-package on the package index, as the venv's pip sees it."""
+    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", FRONTEND_PACKAGE],
+                            capture_output=True, text=True, timeout=180)
+    found = re.search(rf"^{re.escape(FRONTEND_PACKAGE)} \(([^)]+)\)", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or not found:
+        raise RuntimeError(f"`pip index versions {FRONTEND_PACKAGE}` failed ({result.returncode}): "
+                           f"{(result.stderr or result.stdout)[-1500:]}")
+    return found.group(1)
+
+
+def latest_frontend_root() -> tuple[str, Path]:
+    """(version, static folder) of the newest frontend package, installed once under .comfy-state."""
+    version = newest_frontend_version()
+    target = LATEST_FRONTEND_DIR / version
+    static = target / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        staging = LATEST_FRONTEND_DIR / f".{version}.partial"
+        if staging.exists():
+            subprocess.run(["rm", "-rf", str(staging)], check=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                                 str(staging), f"{FRONTEND_PACKAGE}=={version}"],
+                                capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError(f"pip install {FRONTEND_PACKAGE}=={version} failed: {result.stderr[-1500:]}")
+        if target.exists():
+            subprocess.run(["rm", "-rf", str(target)], check=True)
+        staging.rename(target)  # only a complete install is ever found at target
+    return version, static
+
+
+def start_server(base: Path, front_end_root: Path | None = None) -> ComfyServer:
+    """Start ComfyUI (CPU) on a free loopback port with base as its base directory; wait until it answers.
+    front_end_root serves another frontend build than the installed comfyui-frontend-package."""
     prepare_test_base(base)
     port = free_port()
     root = comfy_root(prepare=True)
     command = server_command(root, base, port, gpu=False)
+    if front_end_root is not None:
+        command += ["--front-end-root", str(front_end_root)]
     log_path = base / "server.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, cwd=root, stdout=log_file, stderr=subprocess.STDOUT,
@@ -218,11 +266,30 @@ class AppPage:
         self.errors.clear()
         return taken
 
+    def take_unknown_errors(self) -> list[str]:
+        """The errors recorded since the last take, without KNOWN_CONSOLE_ERRORS (the frontend's own noise)."""
+        return [error for error in self.take_errors()
+                if not any(pattern.search(error) for pattern in KNOWN_CONSOLE_ERRORS)]
+
     def screenshot(self, name: str, **options: object) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         self.page.screenshot(path=str(path), **options)
         return path
+
+
+@dataclass
+class RenderedPage:
+    """An AppPage in one renderer of one frontend (see conftest.rendered_page)."""
+
+    app: AppPage
+    frontend: str  # "pinned" or "latest"
+    version: str  # the frontend's own version
+    vue: bool  # Comfy.VueNodes.Enabled
+
+    @property
+    def name(self) -> str:
+        return f"{self.version}-{'vue' if self.vue else 'classic'}"
 
 
 def launch_chromium(playwright: object, profile_dir: Path) -> object:
@@ -290,15 +357,17 @@ async (workflow) => {
 """
 
 # JS run in the page: build a graph with the LiteGraph API. nodes: [key, type, pos, size|null, {widget: value}];
-# links: [from key, output type or name, to key, input name]. Returns the node ids by key.
+# links: [from key, output type or name, to key, input name]. Returns the node ids by key. firstId (optional) numbers
+# the nodes from there, so they do not take the ids of a graph shown before.
 BUILD_GRAPH_JS = """
-({nodes, links, graphId, scale, offset}) => {
+({nodes, links, graphId, scale, offset, firstId}) => {
   app.graph.clear();
   if (graphId) app.graph.id = graphId;
   const made = {};
-  for (const [key, type, pos, size, widgets] of nodes) {
+  for (const [index, [key, type, pos, size, widgets]] of nodes.entries()) {
     const node = LiteGraph.createNode(type);
     if (!node) throw new Error(`node type ${type} is not registered`);
+    if (firstId) node.id = firstId + index;
     node.pos = pos;
     app.graph.add(node);
     for (const [name, value] of Object.entries(widgets)) {
@@ -350,3 +419,73 @@ def graph_to_prompt(page: AppPage) -> dict:
     return json.loads(page.evaluate(
         "async () => { const p = await app.graphToPrompt(); return JSON.stringify({output: p.output,"
         " workflow: p.workflow}); }"))
+
+
+# JS run in the page: the hints of one node as the user sees them. Vue renderer: the badge pills inside the
+# node's DOM element (text from their own text nodes, colours from the computed style). Classic canvas: redraw
+# and record every fillText with its colour and the colour of the shape filled just before it (the pill).
+RENDERED_HINTS_JS = """
+(id) => {
+  if (LiteGraph.vueNodesMode) {
+    const root = document.querySelector(`[data-node-id="${id}"]`);
+    if (!root) return {renderer: 'vue', pills: null};
+    const pills = [];
+    for (const element of root.querySelectorAll('div')) {
+      const own = [...element.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE)
+        .map((n) => n.textContent).join('').trim();
+      if (!own || !element.style.backgroundColor) continue;
+      const style = getComputedStyle(element);
+      const box = element.getBoundingClientRect();
+      pills.push({text: own, color: style.color, background: style.backgroundColor,
+                  visible: box.width > 0 && box.height > 0 && style.visibility !== 'hidden'});
+    }
+    return {renderer: 'vue', pills};
+  }
+  const node = app.graph.getNodeById(id);
+  const drawn = [];
+  const proto = CanvasRenderingContext2D.prototype;
+  const {fillText, fill} = proto;
+  const canvas = app.canvas;
+  const drawNode = canvas.drawNode;
+  let lastFill = null;
+  let drawing = null;  // only what is drawn while the canvas draws this node (its badges included)
+  canvas.drawNode = function (current, ...rest) {
+    drawing = current;
+    try { return drawNode.call(this, current, ...rest); } finally { drawing = null; }
+  };
+  proto.fill = function (...rest) { lastFill = this.fillStyle; return fill.apply(this, rest); };
+  proto.fillText = function (text, ...rest) {
+    if (drawing === node) {
+      drawn.push({text: String(text), color: String(this.fillStyle),
+                  background: lastFill === null ? null : String(lastFill), visible: true});
+    }
+    return fillText.call(this, text, ...rest);
+  };
+  try {
+    canvas.setDirty(true, true);
+    canvas.draw(true, true);
+  } finally {
+    proto.fillText = fillText;
+    proto.fill = fill;
+    if (Object.prototype.hasOwnProperty.call(canvas, 'drawNode') && canvas.drawNode !== drawNode) {
+      delete canvas.drawNode;
+      if (canvas.drawNode !== drawNode) canvas.drawNode = drawNode;
+    }
+  }
+  // The badge entries as the canvas gets them (functions or badge objects), for their own fields.
+  const badges = (node?.badges ?? []).map((b) => (typeof b === 'function' ? b() : b))
+    .map((b) => ({text: b?.text ?? null, fgColor: b?.fgColor ?? null, bgColor: b?.bgColor ?? null}));
+  return {renderer: 'classic', pills: drawn, badges};
+}
+"""
+
+
+def css_color(value: str | None) -> tuple[int, int, int] | None:
+    """'#e8e6ff', 'rgb(232, 230, 255)' or 'rgba(..)' -> (232, 230, 255)."""
+    if not value:
+        return None
+    value = value.strip().lower()
+    if value.startswith("#") and len(value) == 7:
+        return tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))
+    found = re.match(r"rgba?\((\d+),\s*(\d+),\s*(\d+)", value)
+    return tuple(int(part) for part in found.groups()) if found else None

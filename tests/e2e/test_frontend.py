@@ -1,21 +1,29 @@
 """The real frontend (comfyui-frontend-package, as pinned) in headless Chromium, against the real server.
 
 Every example workflow loads with no missing node and no error and converts to a prompt that /prompt accepts;
-the pack's node types are registered; the pack's extension is loaded and draws the hints it promises.
+the pack's node types are registered; the pack's extension is loaded and draws the hints it promises. The hints,
+the warnings about invalid values and the Story node's text box labels are checked as rendered in both of the
+frontend's renderers (classic canvas and Vue "Nodes 2.0"), with the pinned frontend and the newest one on PyPI.
 Screenshots go to artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
 from e2e_support import (
     BUILD_GRAPH_JS,
     DRAWN_TEXT_JS,
+    KNOWN_CONSOLE_ERRORS,
     LOAD_WORKFLOW_JS,
+    RENDERED_HINTS_JS,
     AppPage,
+    RenderedPage,
+    css_color,
     graph_to_prompt,
     pack_node_ids,
     workflow_paths,
@@ -220,3 +228,233 @@ def test_feature_injection_warns_when_its_settings_turn_it_off(page: AppPage) ->
     set_widget(page, ids["injection"], "strength", 0.0)
     assert hints(page, ids["injection"]) == [{"text": "injection off: strength 0", "warning": True}]
     assert "injection off: strength 0" in page.evaluate(DRAWN_TEXT_JS)
+
+
+# ---------------------------------------------------------------- both renderers, pinned and newest frontend
+
+INFO = {"color": (0xE8, 0xE6, 0xFF), "background": (0x4A, 0x3F, 0x8C)}
+WARNING = {"color": (0x1A, 0x10, 0x00), "background": (0xF0, 0xA0, 0x30)}
+RENDER_WAIT_S = 8.0  # the Vue renderer shows a change after the extension's next refresh (events or 0.4 s poll)
+STORY_TEXT_BOXES = ("scenes", "style", "negative")
+
+
+def rendered(page: RenderedPage, node_id: int) -> list[dict]:
+    """The node's hint pills as rendered: text, colour, background (RGB tuples), visible."""
+    result = page.app.evaluate(RENDERED_HINTS_JS, node_id)
+    assert result["pills"] is not None, f"node {node_id} has no element in the {page.name} renderer"
+    return [{**pill, "color": css_color(pill["color"]), "background": css_color(pill["background"])}
+            for pill in result["pills"]]
+
+
+def wait_for_pills(page: RenderedPage, node_id: int, expected: dict[str, dict], absent: tuple[str, ...] = ()
+                   ) -> list[dict]:
+    """Wait until every expected text is rendered with its colours and no absent text is; returns the pills.
+    Fails with what was rendered instead."""
+    deadline = time.monotonic() + RENDER_WAIT_S
+    while True:
+        pills = rendered(page, node_id)
+        by_text = {pill["text"]: pill for pill in pills}
+        missing = {text: colors for text, colors in expected.items()
+                   if not (text in by_text and by_text[text]["visible"]
+                           and by_text[text]["color"] == colors["color"]
+                           and by_text[text]["background"] == colors["background"])}
+        present = [text for text in absent if text in by_text]
+        if not missing and not present:
+            return pills
+        if time.monotonic() > deadline:
+            page.app.screenshot(f"failed-{page.name}-node{node_id}")
+            raise AssertionError(f"{page.name}: node {node_id} should show {missing} and not {present}; "
+                                 f"rendered: {pills}")
+        time.sleep(0.1)
+
+
+def change_widget(page: RenderedPage, node_id: int, name: str, value: object) -> None:
+    """Set a widget as the frontend's own widget components do: the value, then the widget's callback."""
+    page.app.evaluate("([id, name, value]) => { const w = app.graph.getNodeById(id).widgets.find((w) => w.name"
+                      " === name); w.value = value; w.callback?.(w.value); }", [node_id, name, value])
+
+
+FRESH_NODE_IDS = itertools.count(1000, 100)
+
+
+def build_on(page: RenderedPage, nodes: list, links: list) -> dict[str, int]:
+    # Fresh ids: comfyui-frontend-package 1.58.x's Vue renderer keeps a node component's badge list when a cleared
+    # graph is refilled with a node of the same id (its own source badge then goes missing too).
+    return page.app.evaluate(BUILD_GRAPH_JS, {"nodes": nodes, "links": links, "scale": 1.0, "offset": [20, 90],
+                                              "firstId": next(FRESH_NODE_IDS)})
+
+
+def assert_no_unknown_errors(page: RenderedPage) -> None:
+    errors = page.app.take_unknown_errors()
+    assert not errors, f"{page.name}: console errors (known frontend noise excluded: {KNOWN_CONSOLE_ERRORS}): {errors}"
+
+
+def test_hints_render_with_their_colours_and_follow_changes(rendered_page: RenderedPage) -> None:
+    page = rendered_page
+    ids = build_on(page, [
+        ["story", "SpectralStoryPrompts", [40, 60], [420, 560], {"scenes": "one\ntwo\nthree"}],
+        ["attention", "SpectralAnchorAttention", [520, 60], None, {"anchors": 2}],
+        ["keys", "SpectralTruncate", [520, 520], None, {"mode": "quantile", "value": 0.05}],
+        ["sampler", "KSampler", [940, 60], None, {}],
+    ], [
+        ["story", "CONDITIONING", "sampler", "positive"],
+        ["story", "LATENT", "sampler", "latent_image"],
+        ["attention", "MODEL", "sampler", "model"],
+        ["keys", "SPECTRUM", "attention", "key_spectrum"],
+    ])
+    wait_for_pills(page, ids["story"], {"3 scenes": INFO})
+    wait_for_pills(page, ids["attention"], {"anchors 2 of 3": INFO, "K: quantile(0.05)": INFO})
+    wait_for_pills(page, ids["keys"], {"quantile(0.05)": INFO})
+    if not page.vue:
+        badges = page.app.evaluate(RENDERED_HINTS_JS, ids["attention"])["badges"]
+        assert {"text": "anchors 2 of 3 · K: quantile(0.05)", "fgColor": "#e8e6ff", "bgColor": "#4a3f8c"} in badges
+    page.app.screenshot(f"renderers-{page.name}-hints")
+
+    # A widget of this node, a widget of another node, and a link: each change shows without any other event.
+    change_widget(page, ids["keys"], "value", 0.0)
+    wait_for_pills(page, ids["keys"], {"quantile(0)": INFO, "quantile needs 0 < value ≤ 1, not 0": WARNING},
+                   absent=("quantile(0.05)",))
+    wait_for_pills(page, ids["attention"], {"K: quantile(0)": INFO}, absent=("K: quantile(0.05)",))
+    change_widget(page, ids["story"], "scenes", "one\ntwo")
+    wait_for_pills(page, ids["attention"], {"anchors 2 of 2": INFO, "all 2 images are anchors": WARNING},
+                   absent=("anchors 2 of 3",))
+    wait_for_pills(page, ids["story"], {"2 scenes": INFO,
+                                        "anchors 2 ≥ 2 scenes: no image follows them": WARNING})
+    page.app.evaluate("(id) => app.graph.getNodeById(id).disconnectInput("
+                      "app.graph.getNodeById(id).findInputSlot('key_spectrum'))", ids["attention"])
+    wait_for_pills(page, ids["attention"], {"anchors 2 of 2": INFO}, absent=("K: quantile(0)",))
+    page.app.screenshot(f"renderers-{page.name}-warnings")
+    assert_no_unknown_errors(page)
+
+
+def test_invalid_values_are_flagged_before_queueing(rendered_page: RenderedPage) -> None:
+    page = rendered_page
+    ids = build_on(page, [
+        ["fixed", "SpectralTruncate", [40, 60], None, {"mode": "fixed", "value": 2.5}],
+        ["energy", "SpectralTruncate", [40, 300], None, {"mode": "energy", "value": 2.0}],
+        ["attention", "SpectralAnchorAttention", [460, 60], None, {"anchors": 2, "subject_masks": True}],
+        ["story", "SpectralStoryPrompts", [860, 60], [420, 560], {}],
+    ], [])
+    wait_for_pills(page, ids["fixed"], {"fixed keeps a whole number ≥ 1, not 2.5": WARNING})
+    wait_for_pills(page, ids["energy"], {"energy needs 0 < value ≤ 1, not 2": WARNING})
+    wait_for_pills(page, ids["attention"], {"subject_masks needs the story input": WARNING})
+    change_widget(page, ids["fixed"], "value", 8.0)
+    wait_for_pills(page, ids["fixed"], {"fixed(8)": INFO}, absent=("fixed keeps a whole number ≥ 1, not 2.5",))
+
+    # Connecting the story clears the warning. Without an `anchors` input on the story node nothing is compared.
+    page.app.evaluate("([story, attention]) => { const s = app.graph.getNodeById(story); const a ="
+                      " app.graph.getNodeById(attention); s.connect(s.outputs.findIndex((o) => o.type ==="
+                      " 'SPECTRAL_STORY'), a, a.findInputSlot('story')); }", [ids["story"], ids["attention"]])
+    pills = wait_for_pills(page, ids["attention"], {"anchors 2 of 3": INFO},
+                           absent=("subject_masks needs the story input",))
+    assert all(pill["background"] != WARNING["background"] for pill in pills), pills
+    story_pills = wait_for_pills(page, ids["story"], {"3 scenes": INFO})
+    assert all(pill["background"] != WARNING["background"] for pill in story_pills), story_pills
+
+    # With the story's anchors / images_per_batch inputs (SpectralStoryPrompts gains them with long stories):
+    # the installed schema's widgets when it has them, else widgets of those names added here.
+    page.app.evaluate("(id) => { const s = app.graph.getNodeById(id); for (const [name, value] of"
+                      " [['anchors', 2], ['images_per_batch', 0]]) { if (!s.widgets.find((w) => w.name === name))"
+                      " s.addWidget('number', name, value, () => {}, {min: 0, max: 64, step: 10, precision: 0}); } }",
+                      ids["story"])
+    change_widget(page, ids["story"], "anchors", 3)
+    wait_for_pills(page, ids["attention"], {"anchors 2 ≠ story's anchors 3": WARNING})
+    change_widget(page, ids["story"], "anchors", 2)
+    change_widget(page, ids["story"], "images_per_batch", 2)
+    wait_for_pills(page, ids["story"], {"images_per_batch 2 must be 0 or > anchors 2": WARNING})
+    wait_for_pills(page, ids["attention"], {"anchors 2 of 3": INFO}, absent=("anchors 2 ≠ story's anchors 3",))
+    change_widget(page, ids["story"], "images_per_batch", 3)
+    wait_for_pills(page, ids["story"], {"3 scenes": INFO}, absent=("images_per_batch 2 must be 0 or > anchors 2",))
+    page.app.screenshot(f"renderers-{page.name}-invalid-values")
+    assert_no_unknown_errors(page)
+
+
+def test_workflow_strings_are_never_inserted_as_html(rendered_page: RenderedPage) -> None:
+    page = rendered_page
+    markup = '<img src="x" onerror="window.__spectralInjected=1"><b>bold</b>'
+    ids = build_on(page, [
+        ["keys", "SpectralTruncate", [40, 60], None, {"mode": "quantile", "value": 0.05}],
+        ["story", "SpectralStoryPrompts", [460, 60], [420, 560], {"scenes": f"{markup}\nsecond"}],
+    ], [])
+    # A workflow can hold any combo value; the chain label writes it as it is.
+    page.app.evaluate("([id, markup]) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'mode').value"
+                      " = markup; }", [ids["keys"], markup])
+    shown = wait_for_pills(page, ids["keys"], {})
+    expected = f"{markup}(0.05)"[:59] + "…"
+    deadline = time.monotonic() + RENDER_WAIT_S
+    while expected not in [pill["text"] for pill in shown] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        shown = rendered(page, ids["keys"])
+    assert expected in [pill["text"] for pill in shown], shown
+    page.app.page.wait_for_timeout(300)
+    injected = page.app.evaluate("() => ({flag: window.__spectralInjected ?? null,"
+                                 " images: document.querySelectorAll('img[src=\"x\"]').length,"
+                                 " bold: [...document.querySelectorAll('b')].filter((b) => b.textContent === 'bold')"
+                                 ".length})")
+    assert injected == {"flag": None, "images": 0, "bold": 0}, injected
+    assert_no_unknown_errors(page)
+
+
+def test_story_text_boxes_are_labelled(rendered_page: RenderedPage) -> None:
+    page = rendered_page
+    ids = build_on(page, [["story", "SpectralStoryPrompts", [40, 60], [440, 620], {}]], [])
+    page.app.page.wait_for_timeout(500)
+    labels = page.app.evaluate("""([id, names]) => {
+      const node = app.graph.getNodeById(id);
+      const scope = LiteGraph.vueNodesMode ? document.querySelector(`[data-node-id="${id}"]`) : document;
+      const result = {};
+      for (const name of names) {
+        const widget = node.widgets.find((w) => w.name === name);
+        const box = LiteGraph.vueNodesMode
+          ? scope.querySelector(`textarea[data-spectral-label="${name}"]`)
+            ?? [...scope.querySelectorAll('textarea')].find((t) => t.id && scope.querySelector(`label[for="${t.id}"]`)
+                 ?.textContent.trim() === name)
+          : widget?.element;
+        if (!box) { result[name] = null; continue; }
+        const container = box.parentElement;
+        const native = container.querySelector(':scope > label');
+        const generated = getComputedStyle(container, '::before');
+        const rect = box.getBoundingClientRect();
+        result[name] = {
+          label: native ? native.textContent.trim()
+            : (generated.content && generated.content !== 'none' ? JSON.parse(generated.content) : null),
+          native: Boolean(native),
+          generatedShown: !native && generated.display !== 'none' && generated.visibility !== 'hidden',
+          boxVisible: rect.width > 20 && rect.height > 20,
+          placeholder: box.placeholder,
+        };
+      }
+      return result;
+    }""", [ids["story"], list(STORY_TEXT_BOXES)])
+    page.app.screenshot(f"renderers-{page.name}-story-labels")
+    for name in STORY_TEXT_BOXES:
+        shown = labels[name]
+        assert shown is not None, f"{page.name}: no text box found for {name}: {labels}"
+        assert shown["label"] == name and shown["boxVisible"], f"{page.name}: {name} is not labelled: {shown}"
+        # Renderers without their own label show the placeholder (the schema's, else the input name) when empty.
+        assert shown["native"] or shown["placeholder"], f"{page.name}: {name} has no placeholder: {shown}"
+    assert_no_unknown_errors(page)
+
+
+def test_js_input_ranges_mirror_the_python_schemas(page: AppPage) -> None:
+    ranges = page.evaluate("async () => (await import('/extensions/spectral-anchors/spectral_anchors.js'))"
+                           ".INPUT_RANGES")
+    info = page.server.get_json("/object_info")
+    compared = 0
+    for node_id, inputs in ranges.items():
+        if node_id not in info:
+            continue  # a node of another version of the pack
+        schema = {**info[node_id]["input"].get("required", {}), **info[node_id]["input"].get("optional", {})}
+        for name, expected in inputs.items():
+            if name not in schema:
+                continue  # an input this schema does not have (yet): the rules skip it too
+            kind, options = schema[name][0], schema[name][1]
+            assert kind in ("INT", "FLOAT"), f"{node_id}.{name} is {kind}"
+            assert expected.get("integer", False) == (kind == "INT"), f"{node_id}.{name}: INT is integer"
+            for bound in ("min", "max"):
+                if bound in expected:
+                    assert options.get(bound) == expected[bound], (
+                        f"web/spectral_anchors.js INPUT_RANGES {node_id}.{name}.{bound} = {expected[bound]}, "
+                        f"the schema says {options.get(bound)}")
+            compared += 1
+    assert compared >= 12, f"only {compared} ranges compared"
