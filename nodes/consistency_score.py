@@ -1,0 +1,174 @@
+"""SpectralConsistencyScore: how alike the subject looks across a sheet, with the image encoders users already own."""
+
+from __future__ import annotations
+
+import math
+
+from comfy_api.latest import io, ui
+from torch import Tensor
+
+from ..attention.consistency import Consistency, consistency, cosine_pairs
+from . import io_types
+from .image_embedding import EncoderError, describe_encoder, encode_images
+from .prompt_alignment import AlignmentError, prompt_embeddings
+from .score_chart import draw_scores
+
+NODE_ID = "SpectralConsistencyScore"
+NODE_NAME = "Spectral Consistency Score"
+MAX_ANCHORS = 64
+CLIP_T_SCALE = 2.5  # the field's CLIP-T is 2.5 x the cosine (METHOD.md section 6)
+_SCENE_WIDTH = 48
+
+
+def input_error(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE_NAME}, input '{input_name}': {message}")
+
+
+def story_layout(story: object, image_count: int) -> tuple[list[int], list[str]]:
+    """(scene of every image row, prompt of every scene) for images decoded from this story's sampler runs."""
+    prompts = list(getattr(story, "prompts", None) or ())
+    if not prompts:
+        raise input_error("story", "this is not a story from Spectral Story Prompts (it has no prompts).")
+    if image_count != len(prompts):
+        raise input_error("story", f"the story has {len(prompts)} scenes but images holds {image_count}. Connect the "
+                                   "decoded images of this story's sampler, all of them, in batch order.")
+    return list(range(image_count)), prompts
+
+
+def _check_batch(images: Tensor, anchors: int, has_reference: bool) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise input_error("images", "expected an IMAGE batch (e.g. from VAE Decode).")
+    if anchors == 0 and not has_reference:
+        raise input_error("anchors", "0 anchors and no reference: nothing to compare the images with. Set anchors to "
+                                     "the number of anchor images (2 by default) or connect a reference.")
+    if images.shape[0] < anchors + 1:
+        raise input_error("images", f"{images.shape[0]} image(s) but anchors is {anchors}: scoring needs at least "
+                                    f"{anchors + 1} (the anchors plus one image to compare). Lower anchors or give "
+                                    "the whole batch.")
+
+
+def _report(result: Consistency, encoder: str, scenes: list[int], prompts: list[str] | None, anchors: int,
+            reference_count: int, masked: bool, alignment: list[float] | None) -> str:
+    counted = [row for row, flag in enumerate(result.counted) if flag]
+    targets = [row for row in counted if not result.is_anchor[row]]
+    lines = [NODE_NAME, f"encoder: {encoder}"]
+    if result.compared_with == "reference":
+        lines.append(f"compared with: the mean of the {reference_count} reference image(s)")
+    else:
+        lines.append(f"compared with: the mean of the {anchors} anchor(s) (an anchor: with the other anchors)")
+    if masked:
+        lines.append("mask: subject only (background set to the encoder's mean colour)")
+    lines.append(f"score: {result.score:.4f} (mean over {len(targets)} target(s))")
+    lines.append(f"pairwise mean: {result.pairwise:.4f} (over {len(counted)} distinct image(s))"
+                 if math.isfinite(result.pairwise) else "pairwise mean: n/a (one image)")
+    if alignment is not None:
+        mean = sum(alignment[row] for row in counted) / len(counted)
+        lines.append(f"prompt alignment: mean cosine {mean:.4f}, CLIP-T {CLIP_T_SCALE * mean:.4f} "
+                     f"(= {CLIP_T_SCALE} x cosine)")
+    lines.append("image  role    similarity" + ("  prompt" if alignment is not None else "")
+                 + ("  scene" if prompts else ""))
+    for row in counted:
+        value = result.similarity[row]
+        cells = [f"{row + 1:>5}", "anchor" if result.is_anchor[row] else "target",
+                 f"{value:10.4f}" if math.isfinite(value) else f"{'n/a':>10}"]
+        if alignment is not None:
+            cells.append(f"{alignment[row]:6.4f}")
+        if prompts:
+            scene = prompts[scenes[row]]
+            cells.append(scene if len(scene) <= _SCENE_WIDTH else scene[:_SCENE_WIDTH - 3] + "...")
+        lines.append("  ".join(cells))
+    replays = [row + 1 for row, flag in enumerate(result.counted) if not flag]
+    if replays:
+        lines.append(f"replayed anchors counted once: images {', '.join(map(str, replays))}")
+    return "\n".join(lines)
+
+
+class SpectralConsistencyScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name=NODE_NAME,
+            category="spectral_anchors",
+            description=(
+                "Scores how alike the subject looks across a batch: the mean cosine similarity of the targets' image "
+                "embeddings to the anchors' mean embedding (or to the reference images' mean), with any encoder Load "
+                "CLIP Vision loads (CLIP ViT-L/H/bigG, SigLIP, DINOv2). Also reports each image's similarity, the "
+                "sheet's pairwise mean, and draws a bar chart. Compare settings on the same seed and prompts."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="The decoded batch to score, in batch order (anchors first), e.g. "
+                                                 "from VAE Decode after the sampler."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="The image encoder from Load CLIP Vision: CLIP ViT-L/H/bigG, SigLIP or "
+                                            "DINOv2. Scores from different encoders are not comparable."),
+                io.Int.Input("anchors", default=2, min=0, max=MAX_ANCHORS,
+                             tooltip="How many of the first images are anchors (as in Spectral Anchor Attention). "
+                                     "Targets are compared with the anchors' mean embedding. 0 needs a reference."),
+                io.Image.Input("reference", optional=True,
+                               tooltip="Optional images of the character. When connected, targets are compared with "
+                                       "the mean of the reference's embeddings instead of the anchors'. Any size; "
+                                       "never masked."),
+                io_types.Story.Input("story", optional=True,
+                                     tooltip="Optional story from Spectral Story Prompts: labels each image with its "
+                                             "scene, and counts anchors replayed by a multi-run sheet once. Needed "
+                                             "for prompt alignment (clip)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional subject masks, one per image (same batch length as images; resized "
+                                      "to the images). Where the mask is 0 the image is set to the encoder's mean "
+                                      "colour before encoding, so only the subject is scored."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: prompt alignment (CLIP-T) of each image with its story prompt. Only "
+                                      "an aligned pair works: an SDXL checkpoint's CLIP (its projected CLIP-G) with "
+                                      "CLIP ViT-bigG vision (clip_vision_g). Needs story."),
+            ],
+            outputs=[
+                io.Float.Output("score", tooltip="Mean cosine similarity of the targets to the anchors (or the "
+                                                 "reference): 1 = identical embeddings."),
+                io.String.Output("report", tooltip="Per-image similarities, the pairwise mean and the encoder used "
+                                                   "(also shown on the node)."),
+                io.Image.Output("chart", tooltip="One bar per image; the dashed line is the score."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images: Tensor, clip_vision, anchors: int = 2, reference: Tensor | None = None, story=None,
+                mask: Tensor | None = None, clip=None) -> io.NodeOutput:
+        _check_batch(images, anchors, reference is not None)
+        count = images.shape[0]
+        scenes, prompts = story_layout(story, count) if story is not None else (list(range(count)), None)
+        if mask is not None:
+            mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+            if mask.ndim != 3 or mask.shape[0] != count:
+                raise input_error("mask", f"{mask.shape[0] if mask.ndim == 3 else 'no'} mask(s) for {count} images: "
+                                          "give one mask per image, in the same order (a MASK batch of the same "
+                                          "length), or disconnect mask.")
+        if clip is not None and prompts is None:
+            raise input_error("clip", "prompt alignment compares each image with its prompt: connect the story from "
+                                      "Spectral Story Prompts too, or disconnect clip.")
+        try:
+            embeddings = encode_images(clip_vision, images, mask)
+            reference_embeddings = encode_images(clip_vision, reference) if reference is not None else None
+        except EncoderError as error:
+            raise input_error("clip_vision", str(error)) from None
+        try:
+            alignment = None
+            if clip is not None:
+                text = prompt_embeddings(clip, [prompts[scene] for scene in scenes], embeddings.shape[1])
+                alignment = [float(value) for value in cosine_pairs(embeddings, text)]
+        except AlignmentError as error:
+            raise input_error("clip", str(error)) from None
+        try:
+            result = consistency(embeddings, anchors, reference_embeddings, scenes)
+        except ValueError as error:
+            raise input_error("anchors", f"{error}. Lower anchors or give more images.") from None
+        encoder = describe_encoder(clip_vision, embeddings.shape[1])
+        report = _report(result, encoder, scenes, prompts, anchors,
+                         0 if reference is None else reference.shape[0], mask is not None, alignment)
+        rows = [row for row, flag in enumerate(result.counted) if flag]
+        compared = "the reference" if result.compared_with == "reference" else "the anchors"
+        chart = draw_scores([result.similarity[row] for row in rows], [result.is_anchor[row] for row in rows],
+                            [row + 1 for row in rows], f"Consistency with {compared}: {result.score:.3f}",
+                            [encoder, f"pairwise mean {result.pairwise:.3f}"
+                                      + ("; subject only (masked)" if mask is not None else "")], result.score)
+        return io.NodeOutput(result.score, report, chart, ui=ui.PreviewText(report))
