@@ -123,11 +123,14 @@ class SpectralConsistencyScore(io.ComfyNode):
                                       "CLIP ViT-bigG vision (clip_vision_g). Needs story."),
             ],
             outputs=[
-                io.Float.Output("score", tooltip="Mean cosine similarity of the targets to the anchors (or the "
-                                                 "reference): 1 = identical embeddings."),
-                io.String.Output("report", tooltip="Per-image similarities, the pairwise mean and the encoder used "
-                                                   "(also shown on the node)."),
-                io.Image.Output("chart", tooltip="One bar per image; the dashed line is the score."),
+                io.Float.Output("score", display_name="score",
+                                tooltip="Mean cosine similarity of the targets to the anchors (or the reference): "
+                                        "1 = identical embeddings."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Per-image similarities, the pairwise mean and the encoder used (also shown "
+                                         "in the node)."),
+                io.Image.Output("chart", display_name="chart",
+                                tooltip="One bar per image; the dashed line is the score."),
             ],
         )
 
