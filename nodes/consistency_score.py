@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from comfy_api.latest import io, ui
 from torch import Tensor
 
@@ -35,14 +36,12 @@ def story_layout(story: object, image_count: int) -> tuple[list[int], list[str]]
     return list(range(image_count)), prompts
 
 
-def _check_batch(images: Tensor, anchors: int, has_reference: bool) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise input_error("images", "expected an IMAGE batch (e.g. from VAE Decode).")
+def _check_batch(count: int, anchors: int, has_reference: bool) -> None:
     if anchors == 0 and not has_reference:
         raise input_error("anchors", "0 anchors and no reference: nothing to compare the images with. Set anchors to "
                                      "the number of anchor images (2 by default) or connect a reference.")
-    if images.shape[0] < anchors + 1:
-        raise input_error("images", f"{images.shape[0]} image(s) but anchors is {anchors}: scoring needs at least "
+    if count < anchors + 1:
+        raise input_error("images", f"{count} image(s) but anchors is {anchors}: scoring needs at least "
                                     f"{anchors + 1} (the anchors plus one image to compare). Lower anchors or give "
                                     "the whole batch.")
 
@@ -90,6 +89,7 @@ class SpectralConsistencyScore(io.ComfyNode):
             node_id=NODE_ID,
             display_name=NODE_NAME,
             category="spectral_anchors",
+            is_input_list=True,
             description=(
                 "Scores how alike the subject looks across a batch: the mean cosine similarity of the targets' image "
                 "embeddings to the anchors' mean embedding (or to the reference images' mean), with any encoder Load "
@@ -98,7 +98,8 @@ class SpectralConsistencyScore(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("images", tooltip="The decoded batch to score, in batch order (anchors first), e.g. "
-                                                 "from VAE Decode after the sampler."),
+                                                 "from VAE Decode after the sampler. A list of batches (one per "
+                                                 "sampler run) is scored as one sheet, in order."),
                 io.ClipVision.Input("clip_vision",
                                     tooltip="The image encoder from Load CLIP Vision: CLIP ViT-L/H/bigG, SigLIP or "
                                             "DINOv2. Scores from different encoders are not comparable."),
@@ -135,23 +136,26 @@ class SpectralConsistencyScore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images: Tensor, clip_vision, anchors: int = 2, reference: Tensor | None = None, story=None,
-                mask: Tensor | None = None, clip=None) -> io.NodeOutput:
-        _check_batch(images, anchors, reference is not None)
-        count = images.shape[0]
+    def execute(cls, images: Tensor | list[Tensor], clip_vision, anchors: int = 2, reference=None, story=None,
+                mask=None, clip=None) -> io.NodeOutput:
+        # An input list node: a sheet sampled in several runs arrives as one IMAGE batch per run, all at once.
+        batches = _batches(images, "images")
+        references = _batches(reference, "reference") if _single(reference) is not None else None
+        clip_vision, anchors, story, clip = _single(clip_vision), _single(anchors), _single(story), _single(clip)
+        count = sum(batch.shape[0] for batch in batches)
+        _check_batch(count, anchors, references is not None)
         scenes, prompts = story_layout(story, count) if story is not None else (list(range(count)), None)
-        if mask is not None:
-            mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
-            if mask.ndim != 3 or mask.shape[0] != count:
-                raise input_error("mask", f"{mask.shape[0] if mask.ndim == 3 else 'no'} mask(s) for {count} images: "
-                                          "give one mask per image, in the same order (a MASK batch of the same "
-                                          "length), or disconnect mask.")
+        masks = _masks(mask, count)
         if clip is not None and prompts is None:
             raise input_error("clip", "prompt alignment compares each image with its prompt: connect the story from "
                                       "Spectral Story Prompts too, or disconnect clip.")
         try:
-            embeddings = encode_images(clip_vision, images, mask)
-            reference_embeddings = encode_images(clip_vision, reference) if reference is not None else None
+            starts = [sum(batch.shape[0] for batch in batches[:number]) for number in range(len(batches))]
+            embeddings = torch.cat([encode_images(clip_vision, batch, None if masks is None else
+                                                  masks[start:start + batch.shape[0]])
+                                    for batch, start in zip(batches, starts, strict=True)])
+            reference_embeddings = (torch.cat([encode_images(clip_vision, batch) for batch in references])
+                                    if references is not None else None)
         except EncoderError as error:
             raise input_error("clip_vision", str(error)) from None
         try:
@@ -166,12 +170,41 @@ class SpectralConsistencyScore(io.ComfyNode):
         except ValueError as error:
             raise input_error("anchors", f"{error}. Lower anchors or give more images.") from None
         encoder = describe_encoder(clip_vision, embeddings.shape[1])
-        report = _report(result, encoder, scenes, prompts, anchors,
-                         0 if reference is None else reference.shape[0], mask is not None, alignment)
+        reference_count = 0 if references is None else sum(batch.shape[0] for batch in references)
+        report = _report(result, encoder, scenes, prompts, anchors, reference_count, masks is not None, alignment)
         rows = [row for row, flag in enumerate(result.counted) if flag]
         compared = "the reference" if result.compared_with == "reference" else "the anchors"
         chart = draw_scores([result.similarity[row] for row in rows], [result.is_anchor[row] for row in rows],
                             [row + 1 for row in rows], f"Consistency with {compared}: {result.score:.3f}",
                             [encoder, f"pairwise mean {result.pairwise:.3f}"
-                                      + ("; subject only (masked)" if mask is not None else "")], result.score)
+                                      + ("; subject only (masked)" if masks is not None else "")], result.score)
         return io.NodeOutput(result.score, report, chart, ui=ui.PreviewText(report))
+
+
+def _single(value):
+    """An input that is one value: ComfyUI hands an input list node every input as a list."""
+    return value[0] if isinstance(value, list) and value else (None if isinstance(value, list) else value)
+
+
+def _batches(value, input_name: str) -> list[Tensor]:
+    """One IMAGE batch or a list of them (one per sampler run; sizes may differ between entries)."""
+    batches = value if isinstance(value, list) else [value]
+    for batch in batches:
+        if not isinstance(batch, Tensor) or batch.ndim != 4 or batch.shape[0] == 0:
+            raise input_error(input_name, "expected an IMAGE batch (e.g. from VAE Decode or Load Image).")
+    return batches
+
+
+def _masks(value, count: int) -> list[Tensor] | None:
+    """One [h, w] mask per image, from a MASK batch or a list of them, in image order."""
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    masks = []
+    for batch in value if isinstance(value, list) else [value]:
+        if not isinstance(batch, Tensor) or batch.ndim not in (2, 3):
+            raise input_error("mask", "expected a MASK (e.g. from a segmentation node or Load Image's mask).")
+        masks.extend(batch.unsqueeze(0) if batch.ndim == 2 else batch)
+    if len(masks) != count:
+        raise input_error("mask", f"{len(masks)} mask(s) for {count} images: give one mask per image, in the same "
+                                  "order (a MASK batch of the same length), or disconnect mask.")
+    return masks

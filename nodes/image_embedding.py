@@ -7,6 +7,8 @@ tokens here) and DINOv2 (the class token after the final norm, the usual DINO me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -60,13 +62,16 @@ def describe_encoder(clip_vision: object, embedding_width: int | None = None) ->
     return text + (f", {embedding_width}-d embeddings" if embedding_width else "")
 
 
-def encode_images(clip_vision: object, images: Tensor, masks: Tensor | None = None) -> Tensor:
+def encode_images(clip_vision: object, images: Tensor, masks: Sequence[Tensor] | None = None) -> Tensor:
     """[B, D] float32 embeddings of an IMAGE batch [B, H, W, C] (centre-cropped to the encoder's square input,
     as Load CLIP Vision's users know from CLIP Vision Encode), after blending each image's background to the
-    encoder's mean colour where `masks` [B, h, w] is 0 (attention/consistency.py mask_images)."""
+    encoder's mean colour where its mask (one [h, w] per image, any size) is 0 (attention/consistency.py
+    mask_images)."""
     check_image_encoder(clip_vision)
     if masks is not None:
-        images = mask_images(images, masks, getattr(clip_vision, "image_mean", [0.48145466, 0.4578275, 0.40821073]))
+        fill = getattr(clip_vision, "image_mean", [0.48145466, 0.4578275, 0.40821073])
+        images = torch.cat([mask_images(images[row:row + 1], mask.unsqueeze(0), fill)
+                            for row, mask in enumerate(masks)])
     chunks = []
     for start in range(0, images.shape[0], ENCODE_CHUNK):
         with torch.no_grad():

@@ -177,3 +177,42 @@ def test_prompt_alignment_refuses_unaligned_pairs(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"input 'clip': the CLIP's projected text embeddings are 32-d but the image "
                                          r"encoder's are 16-d"):
         score(other_width, images, anchors=2, story=story, clip=tiny_clip("sdxl"))
+
+
+def run_in_comfy(**inputs):
+    """The node as ComfyUI's executor runs it (execution.get_output_data): an input list node gets every input
+    as a list; returns (score, report, chart, ui)."""
+    import asyncio
+
+    import execution
+
+    data = {name: value if isinstance(value, list) else [value] for name, value in inputs.items()}
+    output, ui, *_ = asyncio.run(execution.get_output_data("score-test", "1", SpectralConsistencyScore, data))
+    (value,), (report,), (chart,) = output
+    return value, report, chart, ui
+
+
+def test_a_list_of_runs_is_scored_as_one_sheet(clip_vision) -> None:
+    assert SpectralConsistencyScore.GET_SCHEMA().is_input_list
+    first, second, third = pictures(3, seed=10)
+    one_batch, report, *_ = run_in_comfy(images=torch.cat([first, first, second, third]), clip_vision=clip_vision,
+                                         anchors=2)
+    # Two entries, as a list output upstream (e.g. one VAE Decode per sampler run) hands them over; the second
+    # entry at another size is encoded on its own (each image is resized to the encoder's input anyway).
+    bigger = torch.nn.functional.interpolate(torch.cat([second, third]).movedim(-1, 1), size=(96, 80),
+                                             mode="nearest").movedim(1, -1)
+    listed, listed_report, chart, ui = run_in_comfy(images=[torch.cat([first, first]), bigger],
+                                                    clip_vision=clip_vision, anchors=2)
+    expected = [cosine(embed(clip_vision, image), embed(clip_vision, first)) for image in bigger.split(1)]
+    assert listed == pytest.approx(sum(expected) / 2, abs=SAME)
+    assert one_batch == pytest.approx(sum(cosine(embed(clip_vision, image), embed(clip_vision, first))
+                                          for image in (second, third)) / 2, abs=SAME)
+    assert "mean over 2 target(s)" in listed_report and "over 4 distinct image(s)" in listed_report
+    assert ui["text"] == [listed_report] or ui["text"] == (listed_report,)
+    # Masks come as a list too, and are matched to the images in order.
+    masks = [torch.ones(2, 48, 40), torch.ones(2, 10, 10)]
+    assert run_in_comfy(images=[torch.cat([first, first]), bigger], clip_vision=clip_vision, anchors=2,
+                        mask=masks)[0] == pytest.approx(listed, abs=SAME)
+    with pytest.raises(ValueError, match=r"input 'mask': 3 mask\(s\) for 4 images"):
+        run_in_comfy(images=[torch.cat([first, first]), bigger], clip_vision=clip_vision, anchors=2,
+                     mask=[torch.ones(3, 8, 8)])
