@@ -17,7 +17,7 @@ whatever their backgrounds were: the backgrounds are averaged out of the score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +59,9 @@ def pairwise_mean(embeddings: Tensor) -> float:
     return float((gram.sum() - gram.diagonal().sum()) / (count * (count - 1)))
 
 
-def first_rows(scene_of_row: Sequence[int]) -> list[int]:
+def first_rows(scene_of_row: Sequence[Hashable]) -> list[int]:
     """The row index of each scene's first occurrence, in row order (later rows of a scene are replays)."""
-    seen: set[int] = set()
+    seen: set[Hashable] = set()
     rows = []
     for row, scene in enumerate(scene_of_row):
         if scene not in seen:
@@ -107,23 +107,26 @@ class Consistency:
 
 
 def consistency(embeddings: Tensor, anchor_count: int, reference: Tensor | None = None,
-                scene_of_row: Sequence[int] | None = None) -> Consistency:
+                scene_of_row: Sequence[Hashable] | None = None,
+                anchor_of_row: Sequence[bool] | None = None) -> Consistency:
     """Score a sheet from its rows' embeddings [B, D].
 
-    Rows whose scene (scene_of_row, default: row r is scene r) is below anchor_count are anchors, the others are
-    targets. Targets are compared with the mean of the counted anchors, or with the mean of `reference` [R, D]
-    when given (the anchors are then only part of the pairwise mean). Raises ValueError for a layout with no
-    target, or no anchor and no reference.
+    scene_of_row names what each row shows (default: row r is scene r); rows with a name seen before are replays.
+    Anchors are the rows anchor_of_row marks, by default those whose scene number is below anchor_count; the
+    others are targets. Targets are compared with the mean of the counted anchors, or with the mean of
+    `reference` [R, D] when given (the anchors are then only part of the pairwise mean). Raises ValueError for a
+    layout with no target, or no anchor and no reference.
     """
     rows = embeddings.shape[0]
-    scenes = list(range(rows)) if scene_of_row is None else [int(scene) for scene in scene_of_row]
-    if len(scenes) != rows:
-        raise ValueError(f"scene_of_row has {len(scenes)} entries for {rows} rows")
+    scenes = list(range(rows)) if scene_of_row is None else list(scene_of_row)
+    if len(scenes) != rows or (anchor_of_row is not None and len(anchor_of_row) != rows):
+        raise ValueError(f"scene_of_row / anchor_of_row do not have one entry for each of the {rows} rows")
     counted_rows = first_rows(scenes)
     counted = [False] * rows
     for row in counted_rows:
         counted[row] = True
-    is_anchor = [scene < anchor_count for scene in scenes]
+    is_anchor = ([scene < anchor_count for scene in scenes] if anchor_of_row is None
+                 else [bool(flag) for flag in anchor_of_row])
     anchors = [row for row in counted_rows if is_anchor[row]]
     targets = [row for row in counted_rows if not is_anchor[row]]
     if not targets:

@@ -89,6 +89,20 @@ def test_first_rows_and_errors() -> None:
         consistency(torch.randn(3, 4), anchor_count=0)
     with pytest.raises(ValueError, match="scene_of_row"):
         consistency(torch.randn(3, 4), anchor_count=1, scene_of_row=[0, 1])
+    with pytest.raises(ValueError, match="anchor_of_row"):
+        consistency(torch.randn(3, 4), anchor_count=1, anchor_of_row=[True])
+
+
+def test_rows_named_by_any_key_with_their_own_anchor_flags() -> None:
+    # E.g. reference rows that take the anchor rows of every run, then scenes; the second run replays them.
+    rows = torch.stack([unit(1, 0), unit(1, 0.2), unit(1, 0), unit(1, 0.2), unit(0.5, 1)])
+    keys = [("reference", 0), 2, ("reference", 0), 3, 4]
+    flags = [True, False, True, False, False]
+    result = consistency(rows, anchor_count=0, scene_of_row=keys, anchor_of_row=flags)
+    assert result.counted == (True, True, False, True, True)
+    assert result.is_anchor == (True, False, True, False, False)
+    expected = [float(row @ unit(1, 0)) for row in rows[[1, 3, 4]]]
+    assert result.score == pytest.approx(sum(expected) / 3, abs=1e-12)
 
 
 def test_cosine_pairs_match_rows() -> None:
