@@ -25,15 +25,38 @@ def input_error(input_name: str, message: str) -> ValueError:
     return ValueError(f"{NODE_NAME}, input '{input_name}': {message}")
 
 
-def story_layout(story: object, image_count: int) -> tuple[list[int], list[str]]:
-    """(scene of every image row, prompt of every scene) for images decoded from this story's sampler runs."""
+def story_layout(story: object, image_count: int, anchors: int) -> tuple[list, list[bool], list[str]]:
+    """(what each image row shows, which rows are anchors, the label of each row) for images of this story.
+
+    The images are either the story in scene order, one image per scene (one sampler run, or Spectral Sheet's
+    images), or every row of every sampler run of a story sampled in several runs, runs in order: each run
+    replays the anchors, and a replayed row is named like its first appearance so that it is counted once.
+    """
     prompts = list(getattr(story, "prompts", None) or ())
     if not prompts:
         raise input_error("story", "this is not a story from Spectral Story Prompts (it has no prompts).")
-    if image_count != len(prompts):
-        raise input_error("story", f"the story has {len(prompts)} scenes but images holds {image_count}. Connect the "
-                                   "decoded images of this story's sampler, all of them, in batch order.")
-    return list(range(image_count)), prompts
+    label = getattr(story, "scene_text", None)
+    labels = [label(scene) if callable(label) else prompts[scene] for scene in range(len(prompts))]
+    if image_count == len(prompts):
+        return list(range(image_count)), [scene < anchors for scene in range(image_count)], labels
+    runs = tuple(getattr(getattr(story, "layout", None), "runs", None) or ())
+    sampled = sum(run.row_count for run in runs)
+    if runs and image_count == sampled:
+        story_anchors = story.layout.anchor_count
+        if story_anchors != anchors:
+            raise input_error("anchors", f"{anchors}, but every run of this story starts with its {story_anchors} "
+                                         f"anchors. Set anchors to {story_anchors}.")
+        keys, flags, row_labels = [], [], []
+        for run in runs:
+            for row in range(run.row_count):
+                scene = run.scene_of(row)
+                keys.append(("reference", row) if scene is None else scene)
+                flags.append(run.is_anchor(row))
+                row_labels.append(f"reference image {row + 1}" if scene is None else labels[scene])
+        return keys, flags, row_labels
+    runs_text = f", or all {sampled} rows of its {len(runs)} sampler runs in order" if len(runs) > 1 else ""
+    raise input_error("story", f"the story has {len(prompts)} scenes but images holds {image_count}. Connect this "
+                               f"story's images: one per scene in scene order{runs_text}.")
 
 
 def _check_batch(count: int, anchors: int, has_reference: bool) -> None:
@@ -46,15 +69,26 @@ def _check_batch(count: int, anchors: int, has_reference: bool) -> None:
                                     "the whole batch.")
 
 
-def _report(result: Consistency, encoder: str, scenes: list[int], prompts: list[str] | None, anchors: int,
-            reference_count: int, masked: bool, alignment: list[float] | None) -> str:
+def _row_prompts(story: object, scenes: list) -> list[str]:
+    """Each row's prompt, for prompt alignment; a reference row has none."""
+    prompts = story.prompts
+    missing = [row + 1 for row, scene in enumerate(scenes) if not isinstance(scene, int)]
+    if missing:
+        raise input_error("clip", f"images {', '.join(map(str, missing))} are reference rows, which have no prompt to "
+                                  "align with. Score Spectral Sheet's images (the scenes only), or disconnect clip.")
+    return [prompts[scene] for scene in scenes]
+
+
+def _report(result: Consistency, encoder: str, labels: list[str] | None, reference_count: int, masked: bool,
+            alignment: list[float] | None) -> str:
     counted = [row for row, flag in enumerate(result.counted) if flag]
     targets = [row for row in counted if not result.is_anchor[row]]
     lines = [NODE_NAME, f"encoder: {encoder}"]
     if result.compared_with == "reference":
         lines.append(f"compared with: the mean of the {reference_count} reference image(s)")
     else:
-        lines.append(f"compared with: the mean of the {anchors} anchor(s) (an anchor: with the other anchors)")
+        anchor_count = sum(1 for row in counted if result.is_anchor[row])
+        lines.append(f"compared with: the mean of the {anchor_count} anchor(s) (an anchor: with the other anchors)")
     if masked:
         lines.append("mask: subject only (background set to the encoder's mean colour)")
     lines.append(f"score: {result.score:.4f} (mean over {len(targets)} target(s))")
@@ -65,15 +99,15 @@ def _report(result: Consistency, encoder: str, scenes: list[int], prompts: list[
         lines.append(f"prompt alignment: mean cosine {mean:.4f}, CLIP-T {CLIP_T_SCALE * mean:.4f} "
                      f"(= {CLIP_T_SCALE} x cosine)")
     lines.append("image  role    similarity" + ("  prompt" if alignment is not None else "")
-                 + ("  scene" if prompts else ""))
+                 + ("  scene" if labels else ""))
     for row in counted:
         value = result.similarity[row]
         cells = [f"{row + 1:>5}", "anchor" if result.is_anchor[row] else "target",
                  f"{value:10.4f}" if math.isfinite(value) else f"{'n/a':>10}"]
         if alignment is not None:
             cells.append(f"{alignment[row]:6.4f}")
-        if prompts:
-            scene = prompts[scenes[row]]
+        if labels:
+            scene = labels[row]
             cells.append(scene if len(scene) <= _SCENE_WIDTH else scene[:_SCENE_WIDTH - 3] + "...")
         lines.append("  ".join(cells))
     replays = [row + 1 for row, flag in enumerate(result.counted) if not flag]
@@ -144,9 +178,12 @@ class SpectralConsistencyScore(io.ComfyNode):
         clip_vision, anchors, story, clip = _single(clip_vision), _single(anchors), _single(story), _single(clip)
         count = sum(batch.shape[0] for batch in batches)
         _check_batch(count, anchors, references is not None)
-        scenes, prompts = story_layout(story, count) if story is not None else (list(range(count)), None)
+        if story is not None:
+            scenes, anchor_rows, labels = story_layout(story, count, anchors)
+        else:
+            scenes, anchor_rows, labels = list(range(count)), None, None
         masks = _masks(mask, count)
-        if clip is not None and prompts is None:
+        if clip is not None and labels is None:
             raise input_error("clip", "prompt alignment compares each image with its prompt: connect the story from "
                                       "Spectral Story Prompts too, or disconnect clip.")
         try:
@@ -161,17 +198,17 @@ class SpectralConsistencyScore(io.ComfyNode):
         try:
             alignment = None
             if clip is not None:
-                text = prompt_embeddings(clip, [prompts[scene] for scene in scenes], embeddings.shape[1])
+                text = prompt_embeddings(clip, _row_prompts(story, scenes), embeddings.shape[1])
                 alignment = [float(value) for value in cosine_pairs(embeddings, text)]
         except AlignmentError as error:
             raise input_error("clip", str(error)) from None
         try:
-            result = consistency(embeddings, anchors, reference_embeddings, scenes)
+            result = consistency(embeddings, anchors, reference_embeddings, scenes, anchor_rows)
         except ValueError as error:
             raise input_error("anchors", f"{error}. Lower anchors or give more images.") from None
         encoder = describe_encoder(clip_vision, embeddings.shape[1])
         reference_count = 0 if references is None else sum(batch.shape[0] for batch in references)
-        report = _report(result, encoder, scenes, prompts, anchors, reference_count, masks is not None, alignment)
+        report = _report(result, encoder, labels, reference_count, masks is not None, alignment)
         rows = [row for row, flag in enumerate(result.counted) if flag]
         compared = "the reference" if result.compared_with == "reference" else "the anchors"
         chart = draw_scores([result.similarity[row] for row in rows], [result.is_anchor[row] for row in rows],
