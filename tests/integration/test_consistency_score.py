@@ -216,3 +216,17 @@ def test_a_list_of_runs_is_scored_as_one_sheet(clip_vision) -> None:
     with pytest.raises(ValueError, match=r"input 'mask': 3 mask\(s\) for 4 images"):
         run_in_comfy(images=[torch.cat([first, first]), bigger], clip_vision=clip_vision, anchors=2,
                      mask=[torch.ones(3, 8, 8)])
+
+
+def test_a_siglip_encoder_scores_its_averaged_tokens(tmp_path) -> None:
+    # ComfyUI loads SigLIP without its pooling head: image_embeds are the last layer's tokens, averaged here.
+    siglip = tiny_clip_vision(tmp_path, model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh",
+                              hidden_size=48, intermediate_size=96, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    same, other = pictures(2, seed=11)
+    value, report, *_ = score(siglip, torch.cat([same, same, same, other]), anchors=2)
+    with torch.no_grad():
+        tokens = siglip.encode_image(torch.cat([same, other]), crop=True)["image_embeds"]
+    assert tokens.ndim == 3
+    pooled = tokens.double().mean(dim=1)
+    assert value == pytest.approx((1.0 + cosine(pooled[1], pooled[0])) / 2, abs=SAME)
+    assert "(siglip_vision_model, 2 layers, width 48, 64 px input), 32-d embeddings" in report
