@@ -37,15 +37,16 @@ def story_layout(story: object, image_count: int, anchors: int) -> tuple[list, l
         raise input_error("story", "this is not a story from Spectral Story Prompts (it has no prompts).")
     label = getattr(story, "scene_text", None)
     labels = [label(scene) if callable(label) else prompts[scene] for scene in range(len(prompts))]
+    layout = getattr(story, "layout", None)
+    story_anchors = getattr(layout, "anchor_count", anchors)
+    if story_anchors != anchors:
+        raise input_error("anchors", f"{anchors}, but this story's anchors are its first {story_anchors} scenes (set "
+                                     f"in Spectral Story Prompts). Set anchors to {story_anchors}.")
     if image_count == len(prompts):
         return list(range(image_count)), [scene < anchors for scene in range(image_count)], labels
-    runs = tuple(getattr(getattr(story, "layout", None), "runs", None) or ())
+    runs = tuple(getattr(layout, "runs", None) or ())
     sampled = sum(run.row_count for run in runs)
     if runs and image_count == sampled:
-        story_anchors = story.layout.anchor_count
-        if story_anchors != anchors:
-            raise input_error("anchors", f"{anchors}, but every run of this story starts with its {story_anchors} "
-                                         f"anchors. Set anchors to {story_anchors}.")
         keys, flags, row_labels = [], [], []
         for run in runs:
             for row in range(run.row_count):

@@ -230,3 +230,43 @@ def test_a_siglip_encoder_scores_its_averaged_tokens(tmp_path) -> None:
     pooled = tokens.double().mean(dim=1)
     assert value == pytest.approx((1.0 + cosine(pooled[1], pooled[0])) / 2, abs=SAME)
     assert "(siglip_vision_model, 2 layers, width 48, 64 px input), 32-d embeddings" in report
+
+
+def test_a_story_sampled_in_runs_counts_its_replayed_anchors_once(clip_vision) -> None:
+    from spectral_anchors.nodes.sheet import scene_images
+    from spectral_anchors.nodes.story import plan_runs
+
+    # Seven scenes, two anchors, four images per run: runs [0 1 2 3], [0 1 4 5] and [0 1 5 6] (the last run starts
+    # early, so it replays scene 5 too). A deterministic sampler gives every replayed row its first image.
+    layout = plan_runs(7, anchor_count=2, images_per_batch=4)
+    assert [run.scenes for run in layout.runs] == [(0, 1, 2, 3), (0, 1, 4, 5), (0, 1, 5, 6)]
+    prompts = tuple(f"a fox, scene {number}" for number in range(7))
+    story = Story(prompts=prompts, subject_tokens=((2,),) * 7, subject_word="fox", width=40, height=48,
+                  same_noise=False, layout=layout, scenes=tuple(f"scene {number}" for number in range(7)))
+    frames = pictures(7, seed=12)
+    frames[1] = frames[0]  # two alike anchors, so that each anchor's own similarity is defined and high
+    runs = [torch.cat([frames[scene] for scene in run.scenes]) for run in layout.runs]
+    in_order = torch.cat(frames)
+
+    split, report, *_ = run_in_comfy(images=runs, clip_vision=clip_vision, anchors=2, story=story)
+    one_batch, one_report, *_ = run_in_comfy(images=in_order, clip_vision=clip_vision, anchors=2, story=story)
+    sheet, *_ = run_in_comfy(images=scene_images(runs, layout), clip_vision=clip_vision, anchors=2, story=story)
+    anchor_mean = embed(clip_vision, frames[0])
+    expected = sum(cosine(embed(clip_vision, frames[scene]), anchor_mean) for scene in range(2, 7)) / 5
+    assert split == pytest.approx(expected, abs=SAME)
+    assert one_batch == pytest.approx(expected, abs=SAME) and sheet == pytest.approx(expected, abs=SAME)
+    assert "mean over 5 target(s)" in report and "over 7 distinct image(s)" in report
+    assert report.split("pairwise mean: ")[1][:6] == one_report.split("pairwise mean: ")[1][:6]
+    assert "replayed anchors counted once: images 5, 6, 9, 10, 11" in report
+    rows = [line for line in report.splitlines() if line.strip()[:1].isdigit()]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "7", "8", "12"]
+    assert rows[-1].endswith("scene 6")  # labelled with the scene line as written
+    # Counting every row instead would weigh the replays: the anchors' mean and the pairwise mean would move.
+    naive, *_ = run_in_comfy(images=runs, clip_vision=clip_vision, anchors=2)
+    assert abs(naive - split) > 1e-4
+
+    with pytest.raises(ValueError, match=r"input 'story': the story has 7 scenes but images holds 8\. .*one per scene "
+                                         r"in scene order, or all 12 rows of its 3 sampler runs in order"):
+        run_in_comfy(images=runs[:2], clip_vision=clip_vision, anchors=2, story=story)
+    with pytest.raises(ValueError, match=r"input 'anchors': 3, but this story's anchors are its first 2 scenes"):
+        run_in_comfy(images=runs, clip_vision=clip_vision, anchors=3, story=story)
