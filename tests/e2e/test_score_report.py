@@ -90,3 +90,48 @@ def test_report_shows_in_the_node(page: AppPage, vue: bool) -> None:
         assert not page.take_errors()
     finally:
         set_vue(page, False)
+
+
+@pytest.mark.timeout(1800)
+def test_the_node_runs_in_the_server_and_its_report_reaches_the_node(page: AppPage, tmp_path_factory) -> None:
+    """The whole path: Load CLIP Vision loads a (random, full-size) ViT-L file, the server executes the score on
+    two images, sends the report to this page, and the node shows it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from e2e_support import graph_to_prompt
+
+    builder = Path(__file__).resolve().parent / "build_clip_vision.py"
+    weights = tmp_path_factory.mktemp("clip-vision-run") / "random_vit_l.safetensors"
+    subprocess.run([sys.executable, str(builder), "--output", str(weights)], check=True, timeout=900)
+    page.server.model_file("clip_vision", "score_test_vit_l.safetensors", target=weights)
+    page.evaluate("async () => { await app.refreshComboInNodes?.(); }")
+    ids = page.evaluate(BUILD_GRAPH_JS, {"nodes": [
+        ["red", "EmptyImage", [40, 60], None, {"width": 96, "height": 64, "batch_size": 2, "color": 0xC02020}],
+        ["blue", "EmptyImage", [40, 300], None, {"width": 96, "height": 64, "batch_size": 1, "color": 0x2040C0}],
+        ["batch", "ImageBatch", [360, 60], None, {}],
+        ["vision", "CLIPVisionLoader", [360, 300], None, {"clip_name": "score_test_vit_l.safetensors"}],
+        ["score", "SpectralConsistencyScore", [700, 60], None, {"anchors": 2}],
+        ["preview", "PreviewImage", [1200, 60], None, {}],
+    ], "links": [
+        ["red", "IMAGE", "batch", "image1"], ["blue", "IMAGE", "batch", "image2"],
+        ["batch", "IMAGE", "score", "images"], ["vision", "CLIP_VISION", "score", "clip_vision"],
+        ["score", "chart", "preview", "images"],
+    ], "scale": 1.0, "offset": [20, 90]})
+    prompt = graph_to_prompt(page)
+    client_id = page.evaluate("() => window.comfyAPI.api.api.clientId")
+    status, answer = page.server.request("/prompt", {"prompt": prompt["output"], "client_id": client_id})
+    assert status == 200, answer
+    entry = page.server.wait_for_history(answer["prompt_id"], 900)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = entry["outputs"][str(ids["score"])]["text"][0]
+    # Two red anchors, one blue target: the anchors agree with each other exactly, the target less.
+    assert report.startswith("Spectral Consistency Score\nencoder: CLIP ViT-L/14 (clip_vision_model, 24 layers, "
+                             "width 1024, 224 px input), 768-d embeddings"), report
+    rows = [line.split() for line in report.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[1] for row in rows] == ["anchor", "anchor", "target"]
+    assert float(rows[0][2]) == pytest.approx(1.0, abs=1e-3) and float(rows[2][2]) < float(rows[0][2])
+    page.page.wait_for_timeout(500)
+    assert {"value": report, "readOnly": True, "inNode": True} in page.evaluate(SHOWN_JS, ids["score"])
+    assert len(entry["outputs"][str(ids["preview"])]["images"]) == 1  # the chart
