@@ -23,11 +23,12 @@ from e2e_support import ARTIFACTS, LOAD_WORKFLOW_JS, AppPage, ComfyServer, graph
 from PIL import Image
 
 BUILDER = Path(__file__).resolve().parent / "build_sdxl_checkpoint.py"
+CLIP_VISION_BUILDER = Path(__file__).resolve().parent / "build_clip_vision.py"
 
 MIN_AVAILABLE_BYTES = 16 * 2**30
 # SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint). Each must
 # save its batch with SaveImage, one image per batch item (a SaveImage of core's Image Grid saves one sheet).
-EXECUTED_WORKFLOWS = ("spectral_character_sheet_sdxl", "anchor_attention_basic")
+EXECUTED_WORKFLOWS = ("spectral_character_sheet_sdxl", "anchor_attention_basic", "compare_settings_sdxl")
 CHECKPOINT_NAME = "spectral_anchors_e2e_random_sdxl.safetensors"
 SIZE, STEPS, BATCH = 128, 2, 3  # 128 px = a 16x16 latent, the smallest that keeps SDXL's three token grids
 RUN_TIMEOUT = 900.0
@@ -50,6 +51,43 @@ def sdxl_checkpoint(comfy_server: ComfyServer) -> Iterator[Path]:
     yield DEFAULT_OUTPUT
     # Hand the ~13 GB back to the machine for the rest of the suite.
     comfy_server.request("/free", {"unload_models": True, "free_memory": True})
+
+
+@pytest.fixture(scope="module")
+def clip_vision_file(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight full-size CLIP ViT-L vision file (the smallest layout Load CLIP Vision recognises), built in
+    a subprocess so its memory is returned; linked under each name it is asked for by link_clip_vision."""
+    path = tmp_path_factory.mktemp("clip-vision") / "random_vit_l.safetensors"
+    subprocess.run([sys.executable, str(CLIP_VISION_BUILDER), "--output", str(path)], check=True, timeout=900)
+    return path
+
+
+def link_clip_vision(request: pytest.FixtureRequest, comfy_server: ComfyServer, prompt: dict) -> None:
+    """Point every Load CLIP Vision file the prompt names at the random ViT-L (the names stay the workflow's)."""
+    names = {node["inputs"]["clip_name"] for node in prompt.values() if node["class_type"] == "CLIPVisionLoader"}
+    if names:
+        target = request.getfixturevalue("clip_vision_file")
+        for name in names:
+            comfy_server.model_file("clip_vision", name, target=target)
+
+
+def check_scores(comfy_server: ComfyServer, prompt: dict, entry: dict, batch: int) -> None:
+    """Every score node ran on the real encoder, reported to the canvas, and fed its chart on."""
+    for node_id, node in prompt.items():
+        if node["class_type"] != "SpectralConsistencyScore":
+            continue
+        report = entry["outputs"][node_id]["text"][0]
+        assert report.startswith("Spectral Consistency Score\nencoder: CLIP ViT-L/14"), report
+        assert f"over {batch - node['inputs']['anchors']} target(s)" in report, report
+    for node_id, node in prompt.items():
+        source = prompt[image_source(prompt, node_id)] if node["class_type"] == "PreviewImage" else {}
+        if source.get("class_type") == "ImageStitch":
+            records = entry["outputs"][node_id]["images"]
+            assert len(records) == 1
+            with Image.open(comfy_server.base / records[0]["type"] / records[0]["subfolder"]
+                            / records[0]["filename"]) as strip:
+                # Three charts of one image per image (at least 560 wide each) and two 32 px bars between them.
+                assert strip.size[0] >= 3 * 560 + 2 * 32 and strip.size[1] >= 400, strip.size
 
 
 def reduce_prompt(prompt: dict) -> int:
@@ -94,19 +132,22 @@ def expected_saves(prompt: dict, saver_id: str, batch: int) -> tuple[int, tuple[
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("workflow_path", executed_workflows(), ids=lambda path: path.stem)
 def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPage, comfy_server: ComfyServer,
-                                         workflow_path: Path) -> None:
+                                         workflow_path: Path, request: pytest.FixtureRequest) -> None:
     workflow = json.loads(workflow_path.read_text())
     loaded = app_page.evaluate(LOAD_WORKFLOW_JS, workflow)
     assert all(node["registered"] and not node["has_errors"] for node in loaded["nodes"])
     prompt = graph_to_prompt(app_page)
     output = prompt["output"]
     batch = reduce_prompt(output)
+    link_clip_vision(request, comfy_server, output)
 
     status, answer = comfy_server.queue(output, prompt["workflow"])
     assert status == 200, f"/prompt rejected the prompt: {json.dumps(answer, indent=1)[:4000]}"
     entry = comfy_server.wait_for_history(answer["prompt_id"], RUN_TIMEOUT)
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"], \
         f"the run failed: {json.dumps(entry['status'], indent=1)[:4000]}\n{comfy_server.log()[-4000:]}"
+
+    check_scores(comfy_server, output, entry, batch)
 
     savers = [node_id for node_id, node in output.items() if node["class_type"] == "SaveImage"]
     assert savers, "the workflow saves no image"

@@ -756,6 +756,159 @@ SPECTRUM_PLOT_SDXL = WorkflowGraph(
     ],
 )
 
+# ---------------------------------------------------------------- compare_settings_sdxl
+
+CLIP_VISION_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+_SCORE = {"anchors": 2}
+_COMPARE_OVERVIEW = _prose("""
+Compare settings with a number: vanilla, ConsiStory-style, spectral (SDXL)
+
+The same four prompts and the same seed go through three models, as in side_by_side_comparison_sdxl, and each
+lane's images are scored by Spectral Consistency Score: the mean cosine similarity of the targets' image embeddings
+(scenes 3 and 4) to the anchors' mean embedding (scenes 1 and 2). Higher = the character looks more alike to the
+image encoder. The three charts are stitched side by side, left to right: vanilla | ConsiStory-style | spectral;
+each chart's title gives its score, and each score node shows its full report on the canvas after a run.
+
+- Load CLIP Vision: any encoder you own (CLIP ViT-H/14 from IPAdapter here; ViT-L/14, ViT-bigG/14, SigLIP or
+DINOv2 work too). Compare scores only when they come from the same encoder.
+- The score rewards anything the images share, backgrounds included. Connect a subject mask per image to the score
+nodes' mask input to score the subject alone (the background is set to the encoder's mean colour).
+- Prompt alignment (CLIP-T): connect Load Checkpoint's CLIP to each score node's clip input AND load CLIP
+ViT-bigG vision (clip_vision_g.safetensors): SDXL's CLIP-G is the text tower that matches it. CLIP-L and the other
+encoders have no matching text projection (see the node's help page).
+
+Saved files: spectral_anchors/compare_settings/vanilla_*, consistory_* and spectral_* (the frames of each lane).
+The chart strip appears in Preview Image (swap in Save Image to keep it).
+""")
+
+_COMPARE_SCORE_NOTE = _prose("""
+Spectral Consistency Score (one per lane)
+
+- images: the lane's decoded batch, anchors first. anchors 2 = the story's first two scenes, as in the attention
+nodes.
+- story: labels each image with its scene in the report.
+- clip_vision: the shared Load CLIP Vision.
+- reference (unconnected): your own images of the character; targets are then compared with them instead.
+- Outputs: score (FLOAT), report (text, also shown in the node), chart (one bar per image, the dashed line is the
+score).
+""")
+
+_CMP_X, _CMP_WIDTH, _CMP_HEADER, _CMP_GAP = 1000, 1900, 110, 50
+_CMP_SAMPLER_X = _CMP_X + 820
+
+
+def _compare_lane_tail(lane: str, top: int) -> list:
+    """Sampler, decoder, saver and score node of one lane, along the lane's first row."""
+    row = top + _CMP_HEADER
+    return [
+        (f"sampler_{lane}", "KSampler", [_CMP_SAMPLER_X, row], [320, 270], _sampler(5.0), f"KSampler ({lane})"),
+        (f"decode_{lane}", "VAEDecode", [_CMP_SAMPLER_X + 370, row], [200, 50], {}),
+        (f"save_{lane}", "SaveImage", [_CMP_SAMPLER_X + 370, row + 120], [200, 260],
+         {"filename_prefix": f"spectral_anchors/compare_settings/{lane}"}, f"Save Image ({lane})"),
+        (f"score_{lane}", "SpectralConsistencyScore", [_CMP_SAMPLER_X + 620, row], [460, 360], _SCORE,
+         f"Consistency score ({lane})"),
+    ]
+
+
+def _compare_lane_links(lane: str) -> list:
+    return [
+        ("story", "positive", f"sampler_{lane}", "positive"),
+        ("story", "negative", f"sampler_{lane}", "negative"),
+        ("story", "latent", f"sampler_{lane}", "latent_image"),
+        ("seed", "INT", f"sampler_{lane}", "seed"),
+        (f"sampler_{lane}", "LATENT", f"decode_{lane}", "samples"),
+        ("loader", "VAE", f"decode_{lane}", "vae"),
+        (f"decode_{lane}", "IMAGE", f"save_{lane}", "images"),
+        (f"decode_{lane}", "IMAGE", f"score_{lane}", "images"),
+        ("clip_vision", "CLIP_VISION", f"score_{lane}", "clip_vision"),
+        ("story", "SPECTRAL_STORY", f"score_{lane}", "story"),
+    ]
+
+
+_CMP_VANILLA_TOP = 40
+_cmp_vanilla = _compare_lane_tail("vanilla", _CMP_VANILLA_TOP)
+_CMP_CONSISTORY_TOP = _lane_bottom(_cmp_vanilla) + _CMP_GAP
+_cmp_consistory = [
+    ("c_attention", "SpectralAnchorAttention", [_CMP_X + 40, _CMP_CONSISTORY_TOP + _CMP_HEADER], [300, 330],
+     _CONSISTORY_ATTENTION),
+    ("c_injection", "SpectralFeatureInjection", [_CMP_X + 440, _CMP_CONSISTORY_TOP + _CMP_HEADER], [300, 260],
+     _INJECTION),
+    *_compare_lane_tail("consistory", _CMP_CONSISTORY_TOP),
+]
+_CMP_SPECTRAL_TOP = _lane_bottom(_cmp_consistory) + _CMP_GAP
+_cmp_spectral = [
+    *_spectra_nodes(_CMP_X + 40, _CMP_SPECTRAL_TOP + _CMP_HEADER + 60, 300),
+    ("s_attention", "SpectralAnchorAttention", [_CMP_X + 440, _CMP_SPECTRAL_TOP + _CMP_HEADER], [300, 330],
+     _SPECTRAL_ATTENTION),
+    *_compare_lane_tail("spectral", _CMP_SPECTRAL_TOP),
+]
+_CMP_BOTTOM = _lane_bottom(_cmp_spectral)
+_CMP_CHARTS_X = _CMP_X + _CMP_WIDTH + 60
+
+_compare_overview = _note("overview", [40, 40], 440, _COMPARE_OVERVIEW, "Read me: compare settings with scores")
+_compare_loader = ("loader", "CheckpointLoaderSimple", [40, _below(_compare_overview)], [440, 100],
+                   {"ckpt_name": SDXL_CHECKPOINT})
+_compare_clip_vision = ("clip_vision", "CLIPVisionLoader", [40, _below(_compare_loader)], [440, 82],
+                        {"clip_name": CLIP_VISION_FILE}, "Load CLIP Vision (the scores' encoder)")
+_compare_seed = ("seed", "PrimitiveInt", [40, _below(_compare_clip_vision)], [440, 82],
+                 {"value": SEED, "control_after_generate": "fixed"}, "Seed (shared)")
+_compare_story_note = _note("story_note", [520, 730], 440, _COMPARISON_STORY_NOTE,
+                            "Story prompts: identical for all three")
+
+COMPARE_SETTINGS_SDXL = WorkflowGraph(
+    name="compare_settings_sdxl",
+    nodes=[
+        _compare_overview,
+        _compare_loader,
+        _compare_clip_vision,
+        _compare_seed,
+        _note("seed_note", [40, _below(_compare_seed)], 440, _COMPARISON_SEED_NOTE, "Seed: shared by all three"),
+        ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(_COMPARISON_SCENES, 1024)),
+        _compare_story_note,
+        _note("sampler_note", [520, _below(_compare_story_note)], 440, _COMPARISON_SAMPLER_NOTE,
+              "Samplers: identical settings"),
+        *_cmp_vanilla,
+        *_cmp_consistory,
+        *_cmp_spectral,
+        ("chart_stitch_1", "ImageStitch", [_CMP_CHARTS_X, _CMP_VANILLA_TOP], [300, 160], _STITCH,
+         "Image Stitch (vanilla | ConsiStory)"),
+        ("chart_stitch_2", "ImageStitch", [_CMP_CHARTS_X, _CMP_VANILLA_TOP + 230], [300, 160], _STITCH,
+         "Image Stitch (... | spectral)"),
+        ("preview_charts", "PreviewImage", [_CMP_CHARTS_X + 360, _CMP_VANILLA_TOP], [720, 400], {},
+         "Preview Image (the three charts)"),
+        _note("score_note", [_CMP_CHARTS_X, _CMP_VANILLA_TOP + 470], 440, _COMPARE_SCORE_NOTE,
+              "Consistency scores: the knobs"),
+    ],
+    links=[
+        ("loader", "CLIP", "story", "clip"),
+        ("loader", "MODEL", "sampler_vanilla", "model"),
+        ("loader", "MODEL", "c_attention", "model"),
+        ("story", "SPECTRAL_STORY", "c_attention", "story"),
+        ("c_attention", "MODEL", "c_injection", "model"),
+        ("c_injection", "MODEL", "sampler_consistory", "model"),
+        ("loader", "MODEL", "s_attention", "model"),
+        ("story", "SPECTRAL_STORY", "s_attention", "story"),
+        *_spectra_links("s_attention"),
+        ("s_attention", "MODEL", "sampler_spectral", "model"),
+        *_compare_lane_links("vanilla"),
+        *_compare_lane_links("consistory"),
+        *_compare_lane_links("spectral"),
+        ("score_vanilla", "chart", "chart_stitch_1", "image1"),
+        ("score_consistory", "chart", "chart_stitch_1", "image2"),
+        ("chart_stitch_1", "IMAGE", "chart_stitch_2", "image1"),
+        ("score_spectral", "chart", "chart_stitch_2", "image2"),
+        ("chart_stitch_2", "IMAGE", "preview_charts", "images"),
+    ],
+    groups=[
+        ("vanilla: the checkpoint alone, no sharing",
+         [_CMP_X, _CMP_VANILLA_TOP, _CMP_WIDTH, _lane_bottom(_cmp_vanilla) - _CMP_VANILLA_TOP], "#444444"),
+        ("ConsiStory-style: subject masks, dropout 0.5, query blending, feature injection",
+         [_CMP_X, _CMP_CONSISTORY_TOP, _CMP_WIDTH, _lane_bottom(_cmp_consistory) - _CMP_CONSISTORY_TOP], "#2f5a63"),
+        ("spectral: K quantile 0.05, V log_squared -> energy 0.95, no masks",
+         [_CMP_X, _CMP_SPECTRAL_TOP, _CMP_WIDTH, _CMP_BOTTOM - _CMP_SPECTRAL_TOP], "#4a3f6b"),
+    ],
+)
+
 WORKFLOWS = {graph.name: graph for graph in (
     ANCHOR_ATTENTION_BASIC, SPECTRAL_CHARACTER_SHEET_SDXL, CONSISTORY_BASELINE_SDXL, SIDE_BY_SIDE_COMPARISON_SDXL,
-    SPECTRUM_PLOT_SDXL, SPECTRAL_CHARACTER_SHEET_SD15)}
+    SPECTRUM_PLOT_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, COMPARE_SETTINGS_SDXL)}
