@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .feature_injection import injection_settings_of
 from .sharing_patch import sharing_plan_of
+from .story_runs import tag_in_conds
 
 NODE_NAME = "Spectral Reference Anchors"
 REFERENCE_KEY = "spectral_anchors.reference_run"
@@ -76,34 +77,39 @@ class ReferenceRun:
         return self._placed[key]
 
 
-def reference_samples(reference, latent_channels: int) -> Tensor:
-    """The reference LATENT's samples [R, C, H, W] as float32, or a clear error naming what is wrong."""
+def reference_samples(reference, latent_channels: int, error=input_error,
+                      expected: str = "this model works with") -> Tensor:
+    """The reference LATENT's samples [R, C, H, W] as float32, or a clear error naming what is wrong.
+
+    `error(input_name, message)` names the node asking (this one, or Spectral Story Prompts); `expected` says who
+    needs `latent_channels` channels.
+    """
     samples = reference.get("samples") if isinstance(reference, dict) else None
     if not isinstance(samples, Tensor):
-        raise input_error("reference", "this is not a LATENT. Connect the LATENT output of a VAE Encode node that "
-                                       "encodes your character's image(s).")
+        raise error("reference", "this is not a LATENT. Connect the LATENT output of a VAE Encode node that "
+                                 "encodes your character's image(s).")
     if getattr(samples, "is_nested", False) or samples.ndim != 4:
-        raise input_error("reference", f"a latent of shape {list(samples.shape)}; an image latent [images, channels, "
-                                       "height, width] from VAE Encode is needed (video and audio latents are not "
-                                       "supported).")
+        raise error("reference", f"a latent of shape {list(samples.shape)}; an image latent [images, channels, "
+                                 "height, width] from VAE Encode is needed (video and audio latents are not "
+                                 "supported).")
     count, channels = int(samples.shape[0]), int(samples.shape[1])
     if count == 0 or samples.shape[-1] == 0 or samples.shape[-2] == 0:
-        raise input_error("reference", f"the latent is empty (shape {list(samples.shape)}). Connect VAE Encode of "
-                                       "1 to 8 images of your character.")
+        raise error("reference", f"the latent is empty (shape {list(samples.shape)}). Connect VAE Encode of "
+                                 "1 to 8 images of your character.")
     if count > MAX_REFERENCES:
-        raise input_error("reference", f"{count} images; at most {MAX_REFERENCES} references are supported. Use the "
-                                       "best 1-4 images of your character (Latent From Batch picks some).")
+        raise error("reference", f"{count} images; at most {MAX_REFERENCES} references are supported. Use the "
+                                 "best 1-4 images of your character (Latent From Batch picks some).")
     if channels != latent_channels:
-        raise input_error("reference", f"the latent has {channels} channels but this model works with "
-                                       f"{latent_channels}-channel latents: it was encoded with another model's VAE "
-                                       "(e.g. an SD3 or Flux VAE on SDXL). Encode the image with the VAE of the "
-                                       "checkpoint you sample with.")
+        raise error("reference", f"the latent has {channels} channels but {expected} "
+                                 f"{latent_channels}-channel latents: it was encoded with another model's VAE "
+                                 "(e.g. an SD3 or Flux VAE on SDXL). Encode the image with the VAE of the "
+                                 "checkpoint you sample with.")
     samples = samples.detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(samples).all():
-        raise input_error("reference", "the latent contains NaN or infinite values; encode the image again.")
+        raise error("reference", "the latent contains NaN or infinite values; encode the image again.")
     if not samples.any():
-        raise input_error("reference", "the latent is all zeros, which is what Empty Latent Image gives, not an "
-                                       "encoded image. Connect Load Image -> VAE Encode with your character's image.")
+        raise error("reference", "the latent is all zeros, which is what Empty Latent Image gives, not an "
+                                 "encoded image. Connect Load Image -> VAE Encode with your character's image.")
     return samples
 
 
@@ -122,6 +128,19 @@ def check_counts(reference_count: int, model_patcher) -> None:
         raise input_error("reference", f"{reference_count} reference {images}, but {owner} is {anchors}. The "
                                        "references are the anchors: set anchors to "
                                        f"{reference_count}, or give {anchors} reference image(s).")
+
+
+def check_story_references(reference_count: int, conds: dict) -> None:
+    """A Spectral Story Prompts run being sampled must have as many reference rows as this node has references."""
+    tag = tag_in_conds(conds)
+    if tag is None:
+        return
+    rows = tag.story.reference_count
+    if rows != reference_count:
+        story_side = f"{rows} reference row(s)" if rows else "no reference (its anchors are generated scenes)"
+        raise input_error("reference", f"{reference_count} reference image(s), but the Spectral Story Prompts run "
+                                       f"being sampled has {story_side}. Connect the same VAE Encode output to "
+                                       "that node's reference input.")
 
 
 def fit_to(samples: Tensor, height: int, width: int) -> Tensor:
@@ -152,6 +171,7 @@ def _make_sample_wrapper(settings: ReferenceSettings):
         guider = executor.class_obj
         model_patcher = guider.model_patcher
         check_counts(settings.count, model_patcher)
+        check_story_references(settings.count, getattr(guider, "conds", None) or {})
         if plan_missing(model_patcher):
             logging.warning("%s: no Spectral Anchor Attention shares on this model (or its sharing window is "
                             "empty), so the references are reproduced but nothing is shared with the other images.",
