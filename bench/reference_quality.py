@@ -1,6 +1,6 @@
 """Reference anchors on the toy world (a CPU proxy, not an SDXL result).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/reference_quality.py              # 16 seeds (40 min on a busy 2-core machine)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/reference_quality.py             # 16 seeds, 40 min on a busy machine
     OMP_NUM_THREADS=1 .venv/bin/python bench/reference_quality.py --seeds 4
 
 Per seed, the toy story of bench/toy_world/story.py (6 scene prompts, the first 2 rows anchors), sampled through
