@@ -5,6 +5,7 @@ from comfy_api.latest import io
 from .attention_node import SpectralAnchorAttention
 from .consistency_score import SpectralConsistencyScore
 from .feature_injection_node import SpectralFeatureInjection
+from .reference_anchors_node import SpectralReferenceAnchors
 from .sheet_node import SpectralSheet
 from .spectrum_nodes import SpectralReweight, SpectralTruncate
 from .spectrum_plot_node import SpectralSpectrumPlot
@@ -13,4 +14,4 @@ from .story_prompts import SpectralStoryPrompts
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [SpectralAnchorAttention, SpectralTruncate, SpectralReweight, SpectralStoryPrompts, SpectralSpectrumPlot,
-            SpectralFeatureInjection, SpectralSheet, SpectralConsistencyScore]
+            SpectralFeatureInjection, SpectralSheet, SpectralConsistencyScore, SpectralReferenceAnchors]

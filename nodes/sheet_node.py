@@ -58,6 +58,9 @@ class SpectralSheet(io.ComfyNode):
                                          "font; long lines are wrapped to three lines)."),
                 io.Int.Input("padding", default=8, min=0, max=MAX_PADDING, optional=True,
                              tooltip="White space in pixels around and between the cells."),
+                io.Boolean.Input("reference_cells", default=True, optional=True,
+                                 tooltip="With a story of reference images: on = the references come first (once, "
+                                         "labelled 'reference'), in both outputs; off = the scenes only."),
             ],
             outputs=[
                 io.Image.Output("scene_images", display_name="images",
@@ -70,7 +73,7 @@ class SpectralSheet(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, story, columns=0, labels=True, padding=8) -> io.NodeOutput:
+    def execute(cls, images, story, columns=0, labels=True, padding=8, reference_cells=True) -> io.NodeOutput:
         batches = list(images) if isinstance(images, list | tuple) else [images]
         batches = [batch for batch in batches if batch is not None]
         story = _one(story, "story")
@@ -88,6 +91,13 @@ class SpectralSheet(io.ComfyNode):
         texts = [story.scene_text(scene) for scene in range(story.scene_count)] if labels else None
         if texts is not None and len(texts) != ordered.shape[0]:
             raise sheet_error("story", f"the story has {len(texts)} scenes but {ordered.shape[0]} images were found.")
+        references = story.reference_count if bool(_one(reference_cells, "reference_cells", True)) else 0
+        if references:
+            # Every run starts with the same reference rows: the first run's, once.
+            ordered = torch.cat([torch.cat(batches)[:references].to(ordered), ordered])
+            if texts is not None:
+                texts = [f"reference {index + 1}" if references > 1 else "reference"
+                         for index in range(references)] + texts
         sheet = draw_sheet(ordered, texts, columns, padding)
         return io.NodeOutput(ordered, sheet.to(ordered.device, dtype=torch.float32))
 

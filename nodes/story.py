@@ -67,6 +67,14 @@ def build_prompt(style: str, subject: str, scene: str) -> str:
     return _PLACEHOLDER.sub(lambda match: values[match.group(1)], style).strip()
 
 
+def default_reference_prompt(style: str, subject: str) -> str:
+    """The subject alone in the style template: the scene left empty, with the separators it leaves tidied."""
+    prompt = build_prompt(style, subject, "")
+    prompt = re.sub(r"\s*,(\s*,)+", ",", prompt)  # "x, , y" -> "x, y"
+    prompt = re.sub(r"\s+([,.;:])", r"\1", prompt)  # "fox , cinematic" -> "fox, cinematic"
+    return re.sub(r"\s{2,}", " ", prompt).strip(" ,;:")
+
+
 def default_subject_word(subject: str) -> str:
     """The subject's last word, ignoring punctuation and prompt-weight numbers: 'a (red fox:1.2)' -> 'fox'."""
     words = [word for word in _WORD.findall(_WEIGHT_SUFFIX.sub(")", subject)) if any(c.isalpha() for c in word)]
@@ -184,8 +192,8 @@ DEFAULT_ANCHORS = 2
 class StoryRun:
     """One sampler run of a story: what each row of its batch shows.
 
-    Rows are laid out as [reference rows][scene rows]: the first `reference_rows` rows hold reference images (none
-    yet; reserved so that reference anchors can take the anchor rows), then one row per entry of `scenes` (scene
+    Rows are laid out as [reference rows][scene rows]: the first `reference_rows` rows hold reference images
+    (SpectralReferenceAnchors; they are then the anchor rows), then one row per entry of `scenes` (scene
     indices, 0-based). The first `anchor_rows` rows are the anchors of this run. The first `replayed_rows` rows
     repeat rows an earlier run already produced: in every run after the first, the anchors, and in a last run
     that would be shorter than the others, the targets just before its own (so that every run has the same size
@@ -265,12 +273,15 @@ class StoryLayout:
 
 
 def plan_runs(scene_count: int, anchor_count: int = DEFAULT_ANCHORS, images_per_batch: int = 0,
-              same_noise: bool = False) -> StoryLayout:
+              same_noise: bool = False, reference_count: int = 0) -> StoryLayout:
     """The runs of a story: one run of every scene, or runs of the anchors followed by the next targets.
 
     Every run of a split story has images_per_batch rows: a last run that would be shorter starts earlier, so its
-    first targets replay the previous run's last ones.
+    first targets replay the previous run's last ones. With references, every run starts with the
+    `reference_count` reference rows, which are the anchors (anchor_count is then ignored); every scene is a target.
     """
+    if reference_count:
+        return _plan_reference_runs(scene_count, reference_count, images_per_batch, same_noise)
     check_run_settings(scene_count, anchor_count, images_per_batch)
 
     def noise(scenes: tuple[int, ...]) -> tuple[int, ...]:
@@ -289,6 +300,30 @@ def plan_runs(scene_count: int, anchor_count: int = DEFAULT_ANCHORS, images_per_
         runs.append(StoryRun(scenes=scenes, anchor_rows=anchor_count, noise_indices=noise(scenes),
                              replayed_rows=anchor_count + (first - start) if runs else 0))
     return StoryLayout(anchor_count=anchor_count, images_per_batch=images_per_batch, runs=tuple(runs))
+
+
+def _plan_reference_runs(scene_count: int, reference_count: int, images_per_batch: int,
+                         same_noise: bool) -> StoryLayout:
+    """Runs of [the references][the next scenes]; in the one-batch layout row r is reference r, then the scenes."""
+    check_run_settings(0, reference_count, images_per_batch)
+
+    def noise(scenes: tuple[int, ...]) -> tuple[int, ...]:
+        rows = tuple(range(reference_count)) + tuple(reference_count + scene for scene in scenes)
+        return (0,) * len(rows) if same_noise else rows
+
+    def run(scenes: tuple[int, ...], replayed: int = 0) -> StoryRun:
+        return StoryRun(scenes=scenes, anchor_rows=reference_count, noise_indices=noise(scenes),
+                        replayed_rows=replayed, reference_rows=reference_count)
+
+    targets_per_run = images_per_batch - reference_count
+    if images_per_batch == 0 or scene_count <= targets_per_run:
+        return StoryLayout(reference_count, images_per_batch, (run(tuple(range(scene_count))),))
+    runs = []
+    for first in range(0, scene_count, targets_per_run):
+        start = min(first, scene_count - targets_per_run)  # the last run starts early rather than run short
+        runs.append(run(tuple(range(start, start + targets_per_run)),
+                        reference_count + (first - start) if runs else 0))
+    return StoryLayout(reference_count, images_per_batch, tuple(runs))
 
 
 def check_run_settings(scene_count: int, anchor_count: int, images_per_batch: int) -> None:
@@ -337,6 +372,11 @@ class Story:
     layout: StoryLayout | None = None
     # The scene lines as written (labels of a sheet); empty = unknown, the prompts stand in.
     scenes: tuple[str, ...] = ()
+    # Reference rows (layout runs with reference_rows): the prompt they are conditioned on, its subject tokens and
+    # its token count, like a scene's.
+    reference_prompt: str = ""
+    reference_tokens: tuple[int, ...] = ()
+    reference_length: int = 0
 
     def __post_init__(self) -> None:
         if len(self.subject_tokens) != len(self.prompts):
@@ -363,6 +403,11 @@ class Story:
         return self.layout.anchor_count
 
     @property
+    def reference_count(self) -> int:
+        """How many reference rows start every run (0: the anchors are generated scenes)."""
+        return self.layout.runs[0].reference_rows if self.layout.runs else 0
+
+    @property
     def run_count(self) -> int:
         return self.layout.run_count
 
@@ -374,20 +419,21 @@ class Story:
     def for_run(self, run_index: int) -> Story:
         """The rows of one run as a one-run story: prompt, subject tokens and token count of each row, in row order.
 
-        Reference rows (none yet) have no prompt: an empty prompt and no subject tokens.
+        Reference rows carry the reference prompt, its subject tokens and token count.
         """
         run = self.layout.runs[run_index]
         scenes = [run.scene_of(row) for row in range(run.row_count)]
-        lengths = tuple(self.sequence_lengths[s] if s is not None else 0 for s in scenes) \
+        lengths = tuple(self.sequence_lengths[s] if s is not None else self.reference_length for s in scenes) \
             if self.sequence_lengths else ()
         # Row r of the run is prompt r of the one-run story (reference rows keep their place, with no prompt).
         rows = StoryLayout(anchor_count=self.anchor_count, images_per_batch=0,
                            runs=(StoryRun(scenes=tuple(range(run.reference_rows, run.row_count)),
                                           anchor_rows=run.anchor_rows, reference_rows=run.reference_rows,
                                           noise_indices=tuple(range(run.row_count))),))
-        return Story(prompts=tuple(self.prompts[s] if s is not None else "" for s in scenes),
-                     scenes=tuple(self.scene_text(s) if s is not None else "" for s in scenes),
-                     subject_tokens=tuple(self.subject_tokens[s] if s is not None else () for s in scenes),
+        return Story(prompts=tuple(self.prompts[s] if s is not None else self.reference_prompt for s in scenes),
+                     scenes=tuple(self.scene_text(s) if s is not None else "reference" for s in scenes),
+                     subject_tokens=tuple(self.subject_tokens[s] if s is not None else self.reference_tokens
+                                          for s in scenes),
                      subject_word=self.subject_word, width=self.width, height=self.height, same_noise=self.same_noise,
                      sequence_lengths=lengths, layout=rows)
 
@@ -400,7 +446,8 @@ class Story:
         """The token count of the batched positive conditioning (every row repeated to it)."""
         if not self.sequence_lengths:
             raise ValueError("Story: sequence_lengths unknown; the context length cannot be derived")
-        return common_length(self.sequence_lengths)
+        references = (self.reference_length,) if self.reference_count and self.reference_length else ()
+        return common_length(self.sequence_lengths + references)
 
     def subject_positions_for_length(self, scene: int, context_length: int) -> tuple[int, ...]:
         """Scene `scene`'s subject positions in every copy of its tokens within a context of `context_length`."""
@@ -414,6 +461,12 @@ class Story:
 
     def require_subject_in_every_scene(self) -> None:
         """Raise the error users see when subject masks are requested but a scene's prompt lacks the subject word."""
+        if self.reference_count and not self.reference_tokens:
+            raise input_error(
+                "reference_prompt",
+                f"subject masks need the subject word '{self.subject_word}' in the reference prompt "
+                f"('{self.reference_prompt}'): the references' masks come from it. Add the word, or set subject_word "
+                "to a word every prompt contains.")
         for index, (prompt, positions) in enumerate(zip(self.prompts, self.subject_tokens, strict=True)):
             if not positions:
                 raise input_error(

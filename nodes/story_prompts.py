@@ -11,6 +11,7 @@ from comfy_api.latest import io
 import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack's own modules are imported relatively)
 
 from . import io_types
+from .reference_anchors import MAX_REFERENCES, fit_to, reference_samples
 from .story import (
     DEFAULT_ANCHORS,
     MAX_ANCHORS,
@@ -21,6 +22,7 @@ from .story import (
     check_common_length,
     check_run_settings,
     common_length,
+    default_reference_prompt,
     find_word_positions,
     input_error,
     parse_scenes,
@@ -154,6 +156,18 @@ class SpectralStoryPrompts(io.ComfyNode):
                                      "not on the story's length, and every image comes out as in one batch "
                                      f"(deterministic samplers). Must be above anchors. Up to {MAX_STORY_SCENES} "
                                      "scenes when split. Feed the decoded images of all runs to Spectral Sheet."),
+                io.Latent.Input("reference", optional=True,
+                                tooltip=f"Your own images of the character (1 to {MAX_REFERENCES}, from VAE Encode), "
+                                        "as the anchors: every run starts with one row per reference, conditioned "
+                                        "on reference_prompt and holding the reference latent (VAE Decode shows "
+                                        "it), then the scenes, all of them targets; anchors is then the number of "
+                                        "references. Sample with Spectral Reference Anchors given the same images. "
+                                        "Another size than width x height is resized with a centre crop; scaling "
+                                        "the image before VAE Encode gives better quality."),
+                io.String.Input("reference_prompt", default="", optional=True, dynamic_prompts=False,
+                                tooltip="With a reference: the prompt of the reference rows, describing what the "
+                                        "references show. Empty = the subject alone in the style template (an "
+                                        "empty scene). Must contain the subject word for subject masks."),
             ],
             outputs=[
                 io.Conditioning.Output("positive_conditioning", display_name="positive", is_output_list=True,
@@ -182,19 +196,29 @@ class SpectralStoryPrompts(io.ComfyNode):
     @classmethod
     def execute(cls, clip, subject: str, subject_word: str, scenes: str, style: str, negative: str, width: int,
                 height: int, same_noise: bool, anchors: int = DEFAULT_ANCHORS,
-                images_per_batch: int = 0) -> io.NodeOutput:
+                images_per_batch: int = 0, reference=None, reference_prompt: str = "") -> io.NodeOutput:
         if clip is None:
             raise input_error("clip", "no text encoder. Connect the CLIP output of a checkpoint loader.")
         anchors, images_per_batch = int(anchors), int(images_per_batch)
-        check_run_settings(0, anchors, images_per_batch)
+        references = None
+        if reference is not None:
+            references = fit_to(reference_samples(reference, 4, input_error, "Spectral Story Prompts makes"),
+                                height // 8, width // 8)
+        reference_count = 0 if references is None else int(references.shape[0])
+        check_run_settings(0, reference_count or anchors, images_per_batch)
         prompts = assemble_prompts(subject, scenes, style, split=images_per_batch > 0)
-        layout = plan_runs(len(prompts), anchors, images_per_batch, bool(same_noise))
+        layout = plan_runs(len(prompts), anchors, images_per_batch, bool(same_noise), reference_count)
         word = resolve_subject_word(subject, subject_word)
         locator = _TokenLocator(clip, word)
         if not locator.positions(clip.tokenize(subject)):
             raise input_error("subject_word", f"'{word}' is not among the subject's tokens. Give a word of it.")
 
-        tokenized = [clip.tokenize(prompt) for prompt in prompts]
+        reference_text = ""
+        if reference_count:
+            reference_text = (reference_prompt or "").strip() or default_reference_prompt(style, subject)
+        # The reference prompt, when there is one, is encoded last: rows[-1].
+        texts = [*prompts, reference_text] if reference_count else list(prompts)
+        tokenized = [clip.tokenize(prompt) for prompt in texts]
         lengths = [sum(len(chunk) for chunk in _token_ids(tokens)) for tokens in tokenized]
         check_common_length([len(_token_ids(tokens)) for tokens in tokenized])
 
@@ -210,19 +234,29 @@ class SpectralStoryPrompts(io.ComfyNode):
                 raise input_error("clip", "this text encoder's output does not follow its tokens one to one; use an "
                                           "SD1.x, SD2.x or SDXL CLIP.")
         negative_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(negative), add_dict=size)
-        story = Story(prompts=tuple(prompts), subject_tokens=tuple(locator.positions(t) for t in tokenized),
+        positions = [locator.positions(t) for t in tokenized]
+        scene_count = len(prompts)
+        story = Story(prompts=tuple(prompts), subject_tokens=tuple(positions[:scene_count]),
                       subject_word=word, width=width, height=height, same_noise=same_noise,
-                      sequence_lengths=tuple(lengths), layout=layout, scenes=tuple(parse_scenes(scenes)))
+                      sequence_lengths=tuple(lengths[:scene_count]), layout=layout,
+                      scenes=tuple(parse_scenes(scenes)), reference_prompt=reference_text,
+                      reference_tokens=tuple(positions[scene_count]) if reference_count else (),
+                      reference_length=lengths[scene_count] if reference_count else 0)
 
         # Every run's rows are repeated to the whole story's common length: the rows of the one-batch story.
         story_lengths = _common_lengths(rows)
         positives, negatives, latents = [], [], []
         for index, run in enumerate(layout.runs):
-            positive = _batch_rows([rows[scene] for scene in run.scenes], "clip", story_lengths)
+            run_rows = [rows[-1]] * run.reference_rows + [rows[scene] for scene in run.scenes]
+            positive = _batch_rows(run_rows, "clip", story_lengths)
             positives.append(tagged(positive, StoryRunTag(story=story, run=index)))
             negatives.append(negative_conditioning)
             samples = torch.zeros([run.row_count, 4, height // 8, width // 8],
                                   device=comfy.model_management.intermediate_device())
+            if run.reference_rows:
+                # The references in their rows, so VAE Decode shows them (Spectral Reference Anchors ignores
+                # what the sampler's latent holds there).
+                samples[:run.reference_rows] = references.to(samples)
             latent = {"samples": samples}
             if same_noise or story.is_split:
                 # The stock KSampler draws image b's noise as noise number batch_index[b] of the seed: each row

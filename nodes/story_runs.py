@@ -77,7 +77,8 @@ def rows_of_story(story: Story, options: dict) -> Story:
     return run.rows if run is not None and run.tag.story == story else story
 
 
-def _tag_in_conds(conds: dict) -> StoryRunTag | None:
+def tag_in_conds(conds: dict) -> StoryRunTag | None:
+    """The run tag of the conds a sampling got (None for conditioning from elsewhere); several runs are an error."""
     tags = []
     for entries in conds.values():
         for entry in entries:
@@ -157,12 +158,24 @@ def anchors_mismatch(attention_anchors: int, story_anchors: int) -> ValueError:
         "two must agree: set both to the same value.")
 
 
+def _check_reference_rows(tag: StoryRunTag, model_patcher) -> None:
+    """A story with reference rows needs Spectral Reference Anchors: without it they would be sampled as new images."""
+    from .reference_anchors import reference_settings_of  # here: that module builds on this one
+
+    references = tag.story.reference_count
+    if references and reference_settings_of(model_patcher) is None:
+        raise ValueError(
+            f"{STORY_NODE}, input 'reference': the story starts every run with {references} reference row(s), but "
+            "the sampled model has no Spectral Reference Anchors node. Add it after the model loader (before or "
+            f"after {ATTENTION_NODE}) with the same reference images, or disconnect the reference.")
+
+
 def track_story_runs(model_patcher, anchor_count: int | None, story: Story | None) -> None:
     """Install the wrapper that finds, checks and hands out the story run of each sampling (idempotent)."""
 
     def sample_story_run(executor, *args, **kwargs):
         guider = executor.class_obj
-        tag = _tag_in_conds(getattr(guider, "conds", None) or {})
+        tag = tag_in_conds(getattr(guider, "conds", None) or {})
         if tag is None:
             return executor(*args, **kwargs)
         noise = kwargs["noise"] if "noise" in kwargs else args[0]
@@ -172,6 +185,7 @@ def track_story_runs(model_patcher, anchor_count: int | None, story: Story | Non
         if rows is not None:
             check_run(tag, rows, anchor_count, story)
             check_run_noise(tag, noise, seed)
+        _check_reference_rows(tag, guider.model_patcher)
         options = guider.model_options.setdefault("transformer_options", {})
         options[ACTIVE_RUN_KEY] = ActiveStoryRun(tag)
         try:

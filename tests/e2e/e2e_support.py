@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,6 +163,11 @@ def prepare_test_base(base: Path) -> None:
         for folder, name in workflow_model_files(json.loads(path.read_text())):
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             (base / "models" / folder / name).touch(exist_ok=True)
+    # The image ComfyUI ships in its input folder, which reference_character_sdxl's Load Image names.
+    example = comfy_root(prepare=True) / "input" / "example.png"
+    if example.exists():
+        (base / "input").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(example, base / "input" / "example.png")
 
 
 def newest_frontend_version() -> str:

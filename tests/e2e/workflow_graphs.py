@@ -909,6 +909,90 @@ COMPARE_SETTINGS_SDXL = WorkflowGraph(
     ],
 )
 
+# ---------------------------------------------------------------- reference_character_sdxl
+
+_REFERENCE_OVERVIEW = _prose("""
+Use your own character (SDXL)
+
+Your own image of the character is the anchor: Load Image (put your picture in ComfyUI's input folder) is scaled
+to the sampling size and encoded, and both Spectral Story Prompts and Spectral Reference Anchors get the encoded
+reference. Every run of the batch starts with the reference row, then one row per scene; at every step the
+reference is noised to the current level with the model's own formula, the scenes share its keys and values
+through Spectral Anchor Attention (with the recommended spectra), and its prediction is replaced by the
+reference itself, so it comes out unchanged. No training, no inversion.
+
+How to use: choose your SDXL checkpoint and your image, describe the character in subject as the image shows it,
+write one scene per line, queue. Spectral Sheet lays out the reference and the scenes; turn reference_cells off
+for the scenes alone. More references (a batch from VAE Encode, up to 8): set anchors of Spectral Anchor Attention
+to their number.
+""")
+
+_REFERENCE_NOTE = _prose("""
+The reference: size and prompt
+
+- Image Scale (lanczos, centre crop) brings the image to the sampling size before VAE Encode: that gives better
+quality than letting the nodes resize the latent (they would scale and centre-crop it too).
+- Spectral Story Prompts, reference_prompt: empty = the subject alone in the style template; write what the image
+shows if that differs (and keep the subject word for subject masks).
+- Spectral Reference Anchors, noise_seed: the one fixed noise the reference is re-noised with at every step.
+- Spectral Anchor Attention, anchors: the number of references (1 here); the node says so clearly otherwise.
+- Spectra: K quantile 0.05 keeps the reference's background out of the scenes; V log_squared -> energy 0.95 carries
+the subject.
+""")
+
+_REFERENCE_ATTENTION = {**_SPECTRAL_ATTENTION, "anchors": 1}
+_REFERENCE_STORY = {**_story(SCENES[:4], 1024), "anchors": 1, "images_per_batch": 0, "reference_prompt": ""}
+
+_reference_overview = _note("overview", [40, 40], 440, _REFERENCE_OVERVIEW, "Read me: use your own character")
+REFERENCE_CHARACTER_SDXL = WorkflowGraph(
+    name="reference_character_sdxl",
+    nodes=[
+        _reference_overview,
+        ("loader", "CheckpointLoaderSimple", [40, _below(_reference_overview)], [440, 100],
+         {"ckpt_name": SDXL_CHECKPOINT}),
+        ("image", "LoadImage", [520, 40], [320, 360], {"image": "example.png"}, "Load Image (your character)"),
+        ("scale", "ImageScale", [520, 470], [320, 160],
+         {"upscale_method": "lanczos", "width": 1024, "height": 1024, "crop": "center"}),
+        ("encode", "VAEEncode", [520, 700], [320, 60], {}),
+        _note("reference_note", [520, 830], 420, _REFERENCE_NOTE, "The reference: the knobs"),
+        ("story", "SpectralStoryPrompts", [980, 40], [440, 700], _REFERENCE_STORY),
+        *_spectra_nodes(1460, 40, 320),
+        ("attention", "SpectralAnchorAttention", [1820, 40], [340, 330], _REFERENCE_ATTENTION),
+        ("references", "SpectralReferenceAnchors", [1820, 440], [340, 110],
+         {"noise_seed": 0, "control_after_generate": "fixed"}),
+        ("sampler", "KSampler", [2200, 40], [320, 270], _sampler(5.0)),
+        ("decode", "VAEDecode", [2560, 40], [200, 50], {}),
+        ("sheet", "SpectralSheet", [2560, 160], [300, 200],
+         {"columns": 0, "labels": True, "padding": 8, "reference_cells": True}),
+        ("save_frames", "SaveImage", [2900, 40], [320, 300],
+         {"filename_prefix": "spectral_anchors/reference_character_sdxl/frame"}, "Save Image (frames)"),
+        ("save_sheet", "SaveImage", [2900, 420], [420, 320],
+         {"filename_prefix": "spectral_anchors/reference_character_sdxl/sheet"}, "Save Image (sheet)"),
+    ],
+    links=[
+        ("image", "IMAGE", "scale", "image"),
+        ("scale", "IMAGE", "encode", "pixels"),
+        ("loader", "VAE", "encode", "vae"),
+        ("encode", "LATENT", "story", "reference"),
+        ("encode", "LATENT", "references", "reference"),
+        ("loader", "CLIP", "story", "clip"),
+        ("loader", "MODEL", "attention", "model"),
+        *_spectra_links("attention"),
+        ("story", "SPECTRAL_STORY", "attention", "story"),
+        ("attention", "MODEL", "references", "model"),
+        ("references", "MODEL", "sampler", "model"),
+        ("story", "positive", "sampler", "positive"),
+        ("story", "negative", "sampler", "negative"),
+        ("story", "latent", "sampler", "latent_image"),
+        ("sampler", "LATENT", "decode", "samples"),
+        ("loader", "VAE", "decode", "vae"),
+        ("decode", "IMAGE", "sheet", "images"),
+        ("story", "SPECTRAL_STORY", "sheet", "story"),
+        ("sheet", "images", "save_frames", "images"),
+        ("sheet", "sheet", "save_sheet", "images"),
+    ],
+)
+
 WORKFLOWS = {graph.name: graph for graph in (
     ANCHOR_ATTENTION_BASIC, SPECTRAL_CHARACTER_SHEET_SDXL, CONSISTORY_BASELINE_SDXL, SIDE_BY_SIDE_COMPARISON_SDXL,
-    SPECTRUM_PLOT_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, COMPARE_SETTINGS_SDXL)}
+    SPECTRUM_PLOT_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, COMPARE_SETTINGS_SDXL, REFERENCE_CHARACTER_SDXL)}

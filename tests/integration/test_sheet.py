@@ -124,7 +124,7 @@ def test_registered_with_list_input_and_tooltips():
     assert SpectralSheet in node_list()
     schema = SpectralSheet.GET_SCHEMA()
     assert schema.is_input_list
-    assert [i.id for i in schema.inputs] == ["images", "story", "columns", "labels", "padding"]
+    assert [i.id for i in schema.inputs] == ["images", "story", "columns", "labels", "padding", "reference_cells"]
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert [o.io_type for o in schema.outputs] == ["IMAGE", "IMAGE"]
 

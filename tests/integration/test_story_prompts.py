@@ -275,7 +275,8 @@ def test_registered_with_a_valid_schema():
     assert SpectralStoryPrompts in node_list()
     schema = SpectralStoryPrompts.GET_SCHEMA()
     assert [i.id for i in schema.inputs] == ["clip", "subject", "subject_word", "scenes", "style", "negative",
-                                             "width", "height", "same_noise", "anchors", "images_per_batch"]
+                                             "width", "height", "same_noise", "anchors", "images_per_batch",
+                                             "reference", "reference_prompt"]
     assert [o.is_output_list for o in schema.outputs] == [True, True, True, False]
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs) and schema.description
     assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "CONDITIONING", "LATENT", "SPECTRAL_STORY"]
