@@ -4,6 +4,7 @@ from comfy_api.latest import io
 
 from .attention_node import SpectralAnchorAttention
 from .feature_injection_node import SpectralFeatureInjection
+from .preset_node import SpectralConsistencyPreset
 from .sheet_node import SpectralSheet
 from .spectrum_nodes import SpectralReweight, SpectralTruncate
 from .spectrum_plot_node import SpectralSpectrumPlot
@@ -12,4 +13,4 @@ from .story_prompts import SpectralStoryPrompts
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [SpectralAnchorAttention, SpectralTruncate, SpectralReweight, SpectralStoryPrompts, SpectralSpectrumPlot,
-            SpectralFeatureInjection, SpectralSheet]
+            SpectralFeatureInjection, SpectralSheet, SpectralConsistencyPreset]
