@@ -8,6 +8,7 @@ from .attention_node import MAX_ANCHORS
 from .io_types import Spectrum
 from .presets import CUSTOM, DEFAULT_PRESET, PRESET_NAMES, PRESETS, build_chain
 from .same_noise import install_same_noise
+from .search_aliases import search_aliases
 from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import plot_layers_downstream
 from .spectrum_recording import recorder_of
@@ -33,6 +34,7 @@ class SpectralConsistencyPreset(io.ComfyNode):
             node_id=NODE_ID,
             display_name=NODE_NAME,
             category="spectral_anchors",
+            **search_aliases("consistent", "preset", "identity"),
             description=(
                 "Keeps one character consistent across a batch of scene prompts, from one choice in plain words. Put "
                 "it between the model loader and the KSampler, and give the sampler one prompt per image (Spectral "

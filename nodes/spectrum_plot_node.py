@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .search_aliases import search_aliases
 from .spectrum_plot import draw_spectra
 from .spectrum_recording import recorder_of
 
@@ -48,6 +49,7 @@ class SpectralSpectrumPlot(io.ComfyNode):
             node_id=NODE_ID,
             display_name="Spectral Spectrum Plot",
             category="spectral_anchors",
+            **search_aliases("spectrum", "plot", "singular values"),
             description=(
                 "Plots the singular values of each anchor's keys (K) and values (V) at one layer and step, before and "
                 "after the spectrum filters, on a log scale. Connect the patched model and the sampler's output "

@@ -15,15 +15,17 @@ from e2e_support import (
     BUILD_GRAPH_JS,
     DRAWN_TEXT_JS,
     LOAD_WORKFLOW_JS,
+    WORKFLOW_DIR,
     AppPage,
     graph_to_prompt,
     pack_node_ids,
     workflow_paths,
 )
+from workflow_graphs import WORKFLOWS
 
 NODE_IDS = pack_node_ids()
 EXTENSION_NAME = "spectral_anchors.hints"
-BASIC_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "anchor_attention_basic.json"
+BASIC_WORKFLOW = WORKFLOW_DIR / f"{WORKFLOWS['anchor_attention_basic'].title}.json"
 QUEUE_TIMEOUT = 180.0
 
 
