@@ -1,8 +1,10 @@
-# make run   : start the real ComfyUI (CPU when no GPU) with this pack loaded, on 127.0.0.1:$(PORT)
+# make run   : start the real ComfyUI (CPU when no GPU) with this pack loaded, on 127.0.0.1:$(PORT);
+#              ARGS="..." passes ComfyUI flags through, e.g. make run ARGS="--bf16-unet"
 # make test  : set everything up from scratch and run the whole suite
 SHELL := /bin/bash
 PYTHON ?= python3
 PORT ?= 8188
+ARGS ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STATE := .comfy-state
@@ -23,7 +25,7 @@ setup: $(VENV)/.ready
 	$(PY) scripts/comfy_root.py --prepare
 
 run: setup
-	PORT=$(PORT) $(PY) scripts/run_server.py
+	PORT=$(PORT) $(PY) scripts/run_server.py $(ARGS)
 
 # A file target: apt runs only when $(CHROMIUM) is missing.
 $(CHROMIUM):

@@ -1,1 +1,1 @@
-"""The method in plain PyTorch (shared/METHOD.md). Nothing in this package imports ComfyUI."""
+"""The method in plain PyTorch (docs/method.md). Nothing in this package imports ComfyUI."""

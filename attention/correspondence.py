@@ -1,4 +1,4 @@
-"""Dense correspondences between the images of a batch, from diffusion features (METHOD.md section 2).
+"""Dense correspondences between the images of a batch, from diffusion features (docs/method.md section 2).
 
 ConsiStory's feature injection needs, for every token p of image i, the token of another image whose content
 matches it. The features are "DIFT" features: one feature map per image, taken from the UNet decoder and smoothed

@@ -1,4 +1,4 @@
-"""Feature injection: matched attention outputs of the sources blended into each image (METHOD.md section 2).
+"""Feature injection: matched attention outputs of the sources blended into each image (docs/method.md section 2).
 
 In the chosen self-attention layers, during the window's steps and for the cond chunk only, every injected token p
 of image i takes  strength x (output of its matched source token) + (1 - strength) x (its own output).

@@ -1,4 +1,4 @@
-"""Subject masks from cross-attention, with mask dropout (ConsiStory's masked sharing, METHOD.md section 2).
+"""Subject masks from cross-attention, with mask dropout (ConsiStory's masked sharing, docs/method.md section 2).
 
 For the subject word's token(s) the cross-attention probabilities are averaged over heads, over the layers of the
 coarsest attention grid and over the last up-to-20 steps; the averaged map is upsampled to each layer's grid,

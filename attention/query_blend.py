@@ -1,4 +1,4 @@
-"""Query blending, ConsiStory's "share queries" (METHOD.md section 2).
+"""Query blending, ConsiStory's "share queries" (docs/method.md section 2).
 
 During the first n/10 steps the shared layers' queries are pulled toward those of a plain (non-extended) forward:
 Q <- s_i Q_plain + (1 - s_i) Q, with s falling linearly from 0.9 to 0.82 over those steps. Sharing alone makes

@@ -1,4 +1,4 @@
-"""Anchor-shared extended self-attention (shared/METHOD.md section 1).
+"""Anchor-shared extended self-attention (docs/method.md section 1).
 
 Within one cond or uncond chunk of B images, the first A are anchors. Every image attends to its own tokens
 plus the tokens of every anchor other than itself: an anchor therefore sees all anchors, a target sees itself

@@ -1,4 +1,4 @@
-"""Spectral filtering of the anchors' keys and values (METHOD.md section 3).
+"""Spectral filtering of the anchors' keys and values (docs/method.md section 3).
 
 A SPECTRUM is an immutable chain of steps, each acting on the singular values of a matrix
 X [T, C]: truncation zeroes the tail, reweighting reshapes the spectrum and rescales it to
@@ -434,7 +434,7 @@ class Spectrum:
         if x.numel() == 0:
             empty = torch.zeros(n, r, dtype=torch.float32, device=x.device)
             return x.clone(), empty, empty.clone()
-        # Half-precision input is worked on in float32 (METHOD: K and V in float32); float64
+        # Half-precision input is worked on in float32 (docs/method.md section 3: K and V in float32); float64
         # input keeps its precision.
         work = x if x.dtype == torch.float64 else x.float()
         # A non-finite matrix has no spectrum: it passes through untouched (values reported as

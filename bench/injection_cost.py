@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 IMAGES, ANCHORS = 4, 2
 LATENT = (4, 32, 48)  # tiny SDXL: the finest attention grid is 16x24
-CONSISTORY_RATIO = 1.74  # METHOD.md: the first pass runs until timestep 261 of 1000, ~74 % of the way
+CONSISTORY_RATIO = 1.74  # docs/method.md section 2: the first pass runs until timestep 261 of 1000, ~74 % of the way
 SDXL_FEATURES = (1280, 64, 64)  # DIFT map at 1024x1024: input of the first decoder block on the 64x64 grid
 
 

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 from .attention_node import SpectralAnchorAttention
 from .consistency_score import SpectralConsistencyScore
 from .feature_injection_node import SpectralFeatureInjection
+from .preset_node import SpectralConsistencyPreset
 from .reference_anchors_node import SpectralReferenceAnchors
 from .sheet_node import SpectralSheet
 from .spectrum_nodes import SpectralReweight, SpectralTruncate
@@ -14,4 +15,5 @@ from .story_prompts import SpectralStoryPrompts
 
 def node_list() -> list[type[io.ComfyNode]]:
     return [SpectralAnchorAttention, SpectralTruncate, SpectralReweight, SpectralStoryPrompts, SpectralSpectrumPlot,
-            SpectralFeatureInjection, SpectralSheet, SpectralConsistencyScore, SpectralReferenceAnchors]
+            SpectralFeatureInjection, SpectralSheet, SpectralConsistencyScore, SpectralReferenceAnchors,
+            SpectralConsistencyPreset]

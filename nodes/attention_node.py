@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from . import io_types
 from .io_types import Spectrum
+from .search_aliases import search_aliases
 from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import plot_layers_downstream
 from .spectrum_recording import recorder_of
@@ -24,8 +25,9 @@ class SpectralAnchorAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SpectralAnchorAttention",
-            display_name="Spectral Anchor Attention",
+            display_name="Spectral Anchor Attention (consistent character)",
             category="spectral_anchors",
+            **search_aliases("consistent", "shared attention"),
             description=(
                 "Keeps one subject consistent across a batch: the first images of the batch are anchors, and every "
                 "image also attends to the anchors' keys and values in self-attention. Put it between the model "

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..attention.injection import DEFAULT_END, DEFAULT_START, FEATURE_TIMESTEP
 from .attention_node import MAX_ANCHORS
 from .feature_injection import LAYER_CHOICES, SOURCE_CHOICES, InjectionSettings, apply_feature_injection
+from .search_aliases import search_aliases
 from .unet_layers import UnsupportedModelError
 
 NODE_NAME = "Spectral Feature Injection"
@@ -23,6 +24,7 @@ class SpectralFeatureInjection(io.ComfyNode):
             node_id="SpectralFeatureInjection",
             display_name=NODE_NAME,
             category="spectral_anchors",
+            **search_aliases("feature injection", "dift"),
             description=(
                 "Makes the subject's details (patterns, colours, small parts) match across the batch: finds, for "
                 "every token of every image, the matching token of an anchor from the UNet's own features, and "

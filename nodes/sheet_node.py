@@ -6,6 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from . import io_types
+from .search_aliases import search_aliases
 from .sheet import NODE_NAME, draw_sheet, scene_images, sheet_error
 from .story import Story
 
@@ -35,6 +36,7 @@ class SpectralSheet(io.ComfyNode):
             node_id="SpectralSheet",
             display_name="Spectral Sheet",
             category="spectral_anchors",
+            **search_aliases("sheet", "grid", "contact sheet"),
             description=(
                 "Puts a story back together after sampling: takes the decoded images of every sampler run of a "
                 "Spectral Story Prompts story (one run or many) and outputs every scene once, in scene order (the "

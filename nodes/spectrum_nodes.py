@@ -17,6 +17,7 @@ from ..attention.spectrum import (
     validate_truncate,
 )
 from .io_types import Spectrum as SpectrumSocket
+from .search_aliases import search_aliases
 
 MAX_FIXED_COUNT = 4096  # SDXL's largest token grid; no K or V matrix there has more singular values
 
@@ -38,6 +39,7 @@ class SpectralTruncate(io.ComfyNode):
             node_id="SpectralTruncate",
             display_name="Spectral Truncate",
             category="spectral_anchors",
+            **search_aliases("spectrum", "svd", "singular values"),
             description=(
                 "Zero the small singular values of the anchors' keys or values before other images see them. "
                 "Connect the output to key_spectrum or value_spectrum of Spectral Anchor Attention. Research "
@@ -83,6 +85,7 @@ class SpectralReweight(io.ComfyNode):
             node_id="SpectralReweight",
             display_name="Spectral Reweight",
             category="spectral_anchors",
+            **search_aliases("spectrum", "svd", "singular values"),
             description=(
                 "Reshape the spectrum of the anchors' keys or values, keeping its overall size (L2 norm). "
                 "log_squared gave the best single result in the research; log also raised consistency (with some "

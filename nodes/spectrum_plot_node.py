@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
+from .search_aliases import search_aliases
 from .spectrum_plot import draw_spectra
 from .spectrum_recording import recorder_of
+from .unet_layers import LayerKey, unet_of
 
 NODE_ID = "SpectralSpectrumPlot"
 _MAX_HOPS = 64  # model-patching nodes between the attention node and the plot; guards against cyclic prompts
@@ -48,6 +53,7 @@ class SpectralSpectrumPlot(io.ComfyNode):
             node_id=NODE_ID,
             display_name="Spectral Spectrum Plot",
             category="spectral_anchors",
+            **search_aliases("spectrum", "plot", "singular values"),
             description=(
                 "Plots the singular values of each anchor's keys (K) and values (V) at one layer and step, before and "
                 "after the spectrum filters, on a log scale. Connect the patched model and the sampler's output "
@@ -95,8 +101,34 @@ class SpectralSpectrumPlot(io.ComfyNode):
                 panels.append((f"anchor {anchor + 1} {name} ({kind}): {recorder.filters.get(kind, 'none')}",
                                spectra.before[kind][anchor], spectra.after[kind][anchor]))
         block, block_id, index = recorder.layer_keys[layer]
-        title = f"layer {layer} ({block} block {block_id}, transformer {index}), step {chosen}, cond chunk"
+        latent = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
+        where = f"{block} block {block_id}, transformer {index}"
+        if latent is not None and latent.ndim >= 4:
+            rows, columns = layer_token_grid(unet_of(model), recorder.layer_keys[layer], *latent.shape[-2:])
+            where += f"; {rows} x {columns} token grid = {rows * columns} tokens"
+        title = f"layer {layer} ({where}), step {chosen}, cond chunk"
         return io.NodeOutput(draw_spectra(panels, title))
+
+
+def layer_token_grid(unet, layer: LayerKey, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """The token grid (height, width) a self-attention layer works on for a latent of this size: the latent halved
+    (rounding up, as the UNet's stride-2 convolutions do) once per resolution level above the layer."""
+    block, block_id, _ = layer
+
+    def count(blocks, kind) -> int:
+        return sum(isinstance(module, kind) for stage in blocks for module in stage)
+
+    downsamples = count(unet.input_blocks, Downsample)
+    if block == "input":
+        level = count(unet.input_blocks[:block_id], Downsample)
+    elif block == "middle":
+        level = downsamples
+    else:  # an output block upsamples after its attention
+        level = downsamples - count(unet.output_blocks[:block_id], Upsample)
+    height, width = latent_height, latent_width
+    for _ in range(level):
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    return height, width
 
 
 def _ranges(values: list[int]) -> str:

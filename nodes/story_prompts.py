@@ -12,6 +12,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (this pack's own modules are i
 
 from . import io_types
 from .reference_anchors import MAX_REFERENCES, fit_to, reference_samples
+from .search_aliases import search_aliases
 from .story import (
     DEFAULT_ANCHORS,
     MAX_ANCHORS,
@@ -102,8 +103,9 @@ class SpectralStoryPrompts(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SpectralStoryPrompts",
-            display_name="Spectral Story Prompts",
+            display_name="Character Sheet Story Prompts (Spectral)",
             category="spectral_anchors",
+            **search_aliases("scenes", "prompts", "batch"),
             description=(
                 "Turns one subject and a list of scenes into one batch: image b gets the style template filled with "
                 "the subject and scene b. Outputs the batched positive conditioning (one row per scene), the "

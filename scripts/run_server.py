@@ -2,6 +2,10 @@
 
 All server state (models, input, output, user settings, database) lives in .comfy-state/base, which git
 ignores. Drop checkpoints into .comfy-state/base/models/checkpoints.
+
+Arguments after the script's name go to ComfyUI's main.py as they are, e.g. `make run ARGS="--bf16-unet"`
+(or `python scripts/run_server.py --bf16-unet`). They come after the flags set here, so a --listen or --port
+given again wins (ComfyUI's argument parser keeps the last).
 """
 
 from __future__ import annotations
@@ -25,23 +29,24 @@ def prepare_base(base: Path) -> None:
         settings.write_text('{"Comfy.TutorialCompleted": true}\n')
 
 
-def server_command(root: Path, base: Path, port: int, gpu: bool) -> list[str]:
+def server_command(root: Path, base: Path, port: int, gpu: bool, extra: list[str] | None = None) -> list[str]:
     command = [sys.executable, str(root / "main.py"), "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--database-url", f"sqlite:///{base}/user/comfyui.db",
                "--disable-auto-launch"]
     if not gpu:
         command.append("--cpu")
-    return command
+    return command + list(extra or [])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch
 
+    extra = list(sys.argv[1:] if argv is None else argv)
     root = comfy_root(prepare=True)
     base = STATE_DIR / "base"
     prepare_base(base)
     port = int(os.environ.get("PORT", "8188"))
-    command = server_command(root, base, port, gpu=torch.cuda.is_available())
+    command = server_command(root, base, port, gpu=torch.cuda.is_available(), extra=extra)
     print(f"ComfyUI at http://127.0.0.1:{port}  (state in {base})", flush=True)
     os.chdir(root)
     os.execv(command[0], command)

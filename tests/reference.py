@@ -1,4 +1,4 @@
-"""Independent, deliberately naive implementations of shared/METHOD.md, for tests to compare against.
+"""Independent, deliberately naive implementations of docs/method.md, for tests to compare against.
 
 One image at a time, one chunk at a time, straight from the definitions; no batching tricks.
 """
@@ -9,7 +9,7 @@ import torch
 
 
 def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, key_filter=None, value_filter=None):
-    """METHOD.md section 1: image i attends to [K_i ; K_a for every anchor a != i] within its own chunk."""
+    """docs/method.md section 1: image i attends to [K_i ; K_a for every anchor a != i] within its own chunk."""
     chunks = len(cond_or_uncond)
     per_chunk = q.shape[0] // chunks
     anchors = min(anchor_count, per_chunk)
@@ -29,7 +29,7 @@ def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, ke
 
 
 def reference_spectrum_filter(steps):
-    """METHOD.md section 3 by a float64 SVD of each matrix: steps are (kind, mode, value) tuples.
+    """docs/method.md section 3 by a float64 SVD of each matrix: steps are (kind, mode, value) tuples.
 
     kind "truncate": fixed N / quantile q / energy q; kind "reweight": log / log_squared / exp(alpha).
     """

@@ -1,4 +1,4 @@
-"""Write the example workflows of workflows/ (and their template-browser thumbnails) with the real frontend.
+"""Write the example workflows of workflows/ with the real frontend (thumbnails: scripts/draw_thumbnails.py).
 
 Each graph of workflow_graphs.py is built in the page with the LiteGraph API and exported with
 app.graph.serialize(), so every file is exactly what the pinned frontend saves. Run it again after changing a graph:
@@ -86,7 +86,6 @@ SET_VIEW_JS = """
 }
 """
 
-THUMBNAIL_SIZE = (800, 500)
 VIEW_MARGIN = 24
 # The saved view of the bigger graphs: readable at once (the canvas hides text below about 0.6), overview note first.
 OPENING_SCALE = 0.65
@@ -120,11 +119,12 @@ def export(page: object, graph: WorkflowGraph, scratch: Path) -> tuple[Path, lis
     # hand over as null (and the frontend's schema rejects those nulls).
     workflow = json.loads(page.evaluate("() => JSON.stringify(app.graph.serialize())"))
     WORKFLOW_DIR.mkdir(exist_ok=True)
-    (WORKFLOW_DIR / f"{graph.name}.json").write_text(json.dumps(workflow, indent=2) + "\n")
+    (WORKFLOW_DIR / f"{graph.title}.json").write_text(json.dumps(workflow, indent=2) + "\n")
     if graph.view is None:
         page.evaluate(SET_VIEW_JS, {"margin": VIEW_MARGIN, "scale": None})  # the whole graph in the thumbnail
     page.page.wait_for_timeout(1000)
-    # The template browser shows <name>.jpg: the graph itself, as the frontend draws it.
+    # The whole graph as the frontend draws it, to review the layout (the template browser's thumbnail is a
+    # drawing of what the workflow makes: scripts/draw_thumbnails.py).
     shot = scratch / f"{graph.name}.png"
     page.page.screenshot(path=str(shot))
     return shot, page.take_errors()
@@ -140,7 +140,6 @@ def main() -> None:
         parser.error(f"unknown workflow(s) {', '.join(unknown)}; known: {', '.join(WORKFLOWS)}")
     graphs = [WORKFLOWS[name] for name in names]
 
-    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory(prefix="spectral-export-") as scratch_dir:
@@ -160,18 +159,15 @@ def main() -> None:
                     page.evaluate(CLEAN_CANVAS_JS)
                     for graph in graphs:
                         shot, errors = export(page, graph, scratch)
-                        ARTIFACTS.mkdir(exist_ok=True)  # the full-size screenshot, to review the layout
+                        ARTIFACTS.mkdir(exist_ok=True)
                         shutil.copyfile(shot, ARTIFACTS / f"export-{graph.name}.png")
-                        with Image.open(shot) as image:
-                            image.convert("RGB").resize(THUMBNAIL_SIZE, Image.LANCZOS).save(
-                                WORKFLOW_DIR / f"{graph.name}.jpg", quality=85)
                         report[graph.name] = errors
                 finally:
                     context.close()
         finally:
             stop_server(server)
     for name, errors in report.items():
-        print(f"wrote {WORKFLOW_DIR / name}.json and .jpg; page errors: {errors or 'none'}")
+        print(f"wrote {WORKFLOW_DIR / WORKFLOWS[name].title}.json; page errors: {errors or 'none'}")
 
 
 if __name__ == "__main__":

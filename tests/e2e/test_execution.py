@@ -21,6 +21,7 @@ import pytest
 from build_sdxl_checkpoint import DEFAULT_OUTPUT
 from e2e_support import ARTIFACTS, LOAD_WORKFLOW_JS, AppPage, ComfyServer, graph_to_prompt, workflow_paths
 from PIL import Image
+from workflow_graphs import WORKFLOWS
 
 BUILDER = Path(__file__).resolve().parent / "build_sdxl_checkpoint.py"
 CLIP_VISION_BUILDER = Path(__file__).resolve().parent / "build_clip_vision.py"
@@ -28,7 +29,8 @@ CLIP_VISION_BUILDER = Path(__file__).resolve().parent / "build_clip_vision.py"
 MIN_AVAILABLE_BYTES = 16 * 2**30
 # SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint). Each must
 # save its batch with SaveImage, one image per batch item (a SaveImage of core's Image Grid saves one sheet).
-EXECUTED_WORKFLOWS = ("spectral_character_sheet_sdxl", "anchor_attention_basic", "compare_settings_sdxl")
+EXECUTED_WORKFLOWS = tuple(WORKFLOWS[name].title for name in (
+    "spectral_character_sheet_sdxl", "anchor_attention_basic", "compare_settings_sdxl"))
 CHECKPOINT_NAME = "spectral_anchors_e2e_random_sdxl.safetensors"
 SIZE, STEPS, BATCH = 128, 2, 3  # 128 px = a 16x16 latent, the smallest that keeps SDXL's three token grids
 RUN_TIMEOUT = 900.0
@@ -116,13 +118,23 @@ def image_source(prompt: dict, node_id: str) -> str:
     return str(prompt[node_id]["inputs"]["images"][0])
 
 
+def grid_inputs(prompt: dict, grid_id: str) -> dict:
+    """Image Grid's inputs, with a cell size read by Get Image Size from the frames resolved: the frames' size."""
+    grid = dict(prompt[grid_id]["inputs"])
+    for name in ("cell_width", "cell_height"):
+        if isinstance(grid[name], list):
+            assert prompt[str(grid[name][0])]["class_type"] == "GetImageSize", f"Image Grid {name} has another source"
+            grid[name] = SIZE
+    return grid
+
+
 def expected_saves(prompt: dict, saver_id: str, batch: int) -> tuple[int, tuple[int, int]]:
     """How many images a SaveImage node writes, and their size: the batch at SIZE, or one sheet when it saves the
     output of core's Image Grid (which tiles the batch into cells of its own size)."""
-    source = prompt[image_source(prompt, saver_id)]
-    if source["class_type"] != "ImageGrid":
+    source_id = image_source(prompt, saver_id)
+    if prompt[source_id]["class_type"] != "ImageGrid":
         return batch, (SIZE, SIZE)
-    grid = source["inputs"]
+    grid = grid_inputs(prompt, source_id)
     columns = min(grid["columns"], batch)
     rows = -(-batch // grid["columns"])
     return 1, (columns * grid["cell_width"] + (columns - 1) * grid["padding"],
@@ -176,7 +188,7 @@ def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPag
         assert output[rebatch_id]["class_type"] == "RebatchImages", "Image Grid needs a list: feed it Rebatch Images"
         frames = [saved[other] for other in savers if image_source(output, other) == image_source(output, rebatch_id)]
         assert frames, f"no SaveImage saves the frames of sheet {node_id}"
-        grid = output[grid_id]["inputs"]
+        grid = grid_inputs(output, grid_id)
         with Image.open(saved[node_id][0]) as sheet_image:
             sheet = np.asarray(sheet_image.convert("RGB"), dtype=np.int16)
         for number, frame_path in enumerate(frames[0]):

@@ -21,6 +21,7 @@ from e2e_support import (
     KNOWN_CONSOLE_ERRORS,
     LOAD_WORKFLOW_JS,
     RENDERED_HINTS_JS,
+    WORKFLOW_DIR,
     AppPage,
     RenderedPage,
     css_color,
@@ -28,10 +29,11 @@ from e2e_support import (
     pack_node_ids,
     workflow_paths,
 )
+from workflow_graphs import WORKFLOWS
 
 NODE_IDS = pack_node_ids()
 EXTENSION_NAME = "spectral_anchors.hints"
-BASIC_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "anchor_attention_basic.json"
+BASIC_WORKFLOW = WORKFLOW_DIR / f"{WORKFLOWS['anchor_attention_basic'].title}.json"
 QUEUE_TIMEOUT = 180.0
 
 

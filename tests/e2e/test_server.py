@@ -95,8 +95,9 @@ def test_template_browser_lists_every_workflow_with_a_thumbnail(comfy_server: Co
     templates = comfy_server.get_json("/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER, [])) == names
     for name in names:
-        status, workflow = comfy_server.request(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json")
+        quoted = urllib.parse.quote(name)  # the titles have spaces and commas
+        status, workflow = comfy_server.request(f"/api/workflow_templates/{PACK_FOLDER}/{quoted}.json")
         assert status == 200 and isinstance(workflow, dict) and workflow.get("nodes")
         # The template browser shows <name>.jpg for custom-node templates (useTemplateWorkflows.ts).
-        status, _ = comfy_server.request(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")
+        status, _ = comfy_server.request(f"/api/workflow_templates/{PACK_FOLDER}/{quoted}.jpg")
         assert status == 200, f"workflows/{name}.jpg (the template browser's thumbnail) is missing"

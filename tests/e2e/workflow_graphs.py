@@ -24,6 +24,24 @@ class WorkflowGraph:
     groups: list = field(default_factory=list)
     # (scale, offset) of the saved view; None fits the whole graph into the browser window.
     view: tuple[float, list[int]] | None = None
+    # The file name in workflows/ (without .json): the template browser shows it as the title (frontend 1.32.9
+    # reads no other metadata for a pack's templates) and its alphabetical sort follows the leading number.
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
+
+
+# Where to start first: the template browser's titles, in the order a new user should open them.
+TITLES = {
+    "spectral_character_sheet_sdxl": "1 Character sheet, SDXL (start here)",
+    "spectral_character_sheet_sd15": "2 Character sheet, SD 1.5",
+    "side_by_side_comparison_sdxl": "3 Side by side, three methods (SDXL)",
+    "consistory_baseline_sdxl": "4 ConsiStory baseline (SDXL)",
+    "spectrum_plot_sdxl": "5 Spectrum plot of the filters (SDXL)",
+    "anchor_attention_basic": "6 Smallest setup, one node (SDXL)",
+}
 
 
 def _prose(text: str) -> str:
@@ -75,6 +93,7 @@ scene."""
 
 ANCHOR_ATTENTION_BASIC = WorkflowGraph(
     name="anchor_attention_basic",
+    title=TITLES["anchor_attention_basic"],
     nodes=[
         ("note", "Note", [40, 40], [420, 420], {"text": _BASIC_NOTE}),
         ("loader", "CheckpointLoaderSimple", [40, 500], None, {"ckpt_name": SDXL_CHECKPOINT}),
@@ -177,27 +196,6 @@ _SPECTRAL_PIPELINE_LINKS = [
 ]
 
 
-_SPECTRA_NOTE = _prose("""
-Spectral filters: what the other images see of the anchors
-
-In every shared layer, each anchor's keys (K) and values (V) are a matrix (tokens x channels). Before the other
-images attend to them, their singular values are filtered here. An image's own K and V are never changed.
-
-- K (key_spectrum): Spectral Truncate, quantile 0.05 = keep the largest 5 % of K's singular values. The research
-found that K mostly decides background leakage between images, so keep 1-5 %: with 10 % or more, the anchors'
-backgrounds start to show up in the other scenes. 0.05 was best for most prompts; try 0.01-0.03 if backgrounds
-still leak, or raise it a little if the character drifts.
-- V (value_spectrum): Spectral Reweight log_squared, then Spectral Truncate energy 0.95. V mostly decides how
-similar the subject looks. log_squared (s -> (ln s)^2, rescaled to the same overall size) flattens the spectrum so
-the weaker directions that carry the subject's details count more: the best single result in the study. Energy
-0.95 then keeps the fewest values that hold 95 % of the reweighted energy: the bulk of the subject without the
-long tail. Energy needs at least 0.9 to help and is very sensitive above that: move it in small steps (0.93-0.97).
-- Chains run top to bottom: Reweight feeds Truncate, and each step sees the previous step's output. The badges show
-each chain as the spectrum plot titles it.
-- solver exact (recommended); lowrank is an explicit, approximate shortcut.
-- Unplug key_spectrum / value_spectrum to share K / V unfiltered: more identity, more background leakage.
-""")
-
 _SAMPLER_NOTE = _prose("""
 Sampler settings
 
@@ -242,56 +240,84 @@ background leakage.
 - start_percent 0.01: the first step stays plain so each image lays itself out freely. end_percent 1.0: share to
 the end.
 - story: connected so the badge can count the scenes; the spectral mode needs nothing else from it.
-- subject_masks and query_blending off: those are ConsiStory's parts (see consistory_baseline_sdxl); mask_dropout
+- subject_masks and query_blending off: those are ConsiStory's parts (see template 4, ConsiStory baseline); mask_dropout
 and mask_seed only matter with subject_masks on.
+""")
+
+
+_PRESET_NOTE = _prose("""
+Consistent Character: start from the recommended preset
+
+- preset recommended: the research's best balance between one consistent character and clean backgrounds. Try the
+others when you need to:
+- stronger identity: every image also starts from the same noise. More alike, in more similar poses.
+- more variety: the first tenth of the steps stays unshared and the early layouts are blended back in. More
+different poses and layouts, a little less alike.
+- less background leakage: a gentler filter on what the scenes take from the anchors, so the anchors' backgrounds
+show up less in the other scenes.
+- custom: your own Spectral Truncate / Spectral Reweight chains on key_spectrum and value_spectrum (the research
+knobs; see template 5, Spectrum plot, for the recommended chains as nodes).
+- anchors 2: the first 2 scenes are the anchors the others take the character from.
+
+The node's help page (the ? on the node) lists the exact settings of every preset. For ConsiStory's subject masks
+and feature injection, use Spectral Anchor Attention and Spectral Feature Injection (template 4).
 """)
 
 
 def _character_sheet(name: str, checkpoint: str, size: int, cfg: float, overview: str, sampler_note: str,
                      family: str) -> WorkflowGraph:
     scenes = SCENES
-    cell = 512
-    scaled = "half size" if size == 2 * cell else "full size" if size == cell else f"scaled to {cell} x {cell}"
     output_note = _prose(f"""
 Output: {len(scenes)} frames and one character sheet
 
 - Save Image (frames) writes the {len(scenes)} images at full size, one file per scene, in scene order.
 - The sheet: ComfyUI's core has an Image Grid node (category dataset/image, marked experimental in ComfyUI 0.3.75)
 that tiles a LIST of images, not a batch, so Rebatch Images (batch_size 1) first splits the batch into a list.
-Image Grid: 3 columns x 2 rows of {cell} x {cell} cells (each frame at {scaled}), 8 px black padding; Save Image
-(sheet) writes it as one image.
+Get Image Size reads the frames' width and height into Image Grid's cell_width and cell_height, so every cell is a
+frame at full size, whatever width and height the story uses. Image Grid: 3 columns x 2 rows, 8 px black padding;
+Save Image (sheet) writes it as one image.
 - No core node writes text onto images, so the sheet carries no labels: cells run left to right, top to bottom,
 in scene order (the 2 anchors first).
 """)
     overview_note = _note("overview", [40, 40], 440, overview, "Read me: spectral character sheet")
     return WorkflowGraph(
         name=name,
+        title=TITLES[name],
         nodes=[
             overview_note,
             ("loader", "CheckpointLoaderSimple", [40, _below(overview_note)], [440, 100], {"ckpt_name": checkpoint}),
             ("story", "SpectralStoryPrompts", [520, 40], [440, 620], _story(scenes, size)),
             _note("story_note", [520, 730], 440, _story_note(len(scenes), size, family), "Story prompts: the knobs"),
-            *_spectra_nodes(1000, 40, 320),
-            _note("spectra_note", [1000, 620], 460, _SPECTRA_NOTE, "Spectra: why these settings"),
-            ("attention", "SpectralAnchorAttention", [1500, 40], [340, 330], _SPECTRAL_ATTENTION),
-            _note("attention_note", [1500, 440], 400, _ATTENTION_NOTE, "Anchor attention: the knobs"),
-            ("sampler", "KSampler", [1940, 40], [320, 270], _sampler(cfg)),
-            _note("sampler_note", [1940, 440], 360, sampler_note, "Sampler: why these settings"),
-            ("decode", "VAEDecode", [2340, 40], [200, 50], {}),
-            ("save_frames", "SaveImage", [2580, 40], [320, 300],
+            ("preset", "SpectralConsistencyPreset", [1000, 40], [400, 130], {"preset": "recommended", "anchors": 2}),
+            _note("preset_note", [1000, 260], 440, _PRESET_NOTE, "Consistent Character: the presets"),
+            ("sampler", "KSampler", [1500, 40], [320, 270], _sampler(cfg)),
+            _note("sampler_note", [1500, 440], 360, sampler_note, "Sampler: why these settings"),
+            ("decode", "VAEDecode", [1900, 40], [200, 50], {}),
+            ("save_frames", "SaveImage", [2140, 40], [320, 300],
              {"filename_prefix": f"spectral_anchors/{name}/frame"}, "Save Image (frames)"),
-            ("rebatch", "RebatchImages", [2340, 440], [200, 60], {"batch_size": 1}),
-            ("grid", "ImageGrid", [2580, 440], [320, 160],
-             {"columns": 3, "cell_width": cell, "cell_height": cell, "padding": 8}),
-            ("save_sheet", "SaveImage", [2940, 40], [420, 320],
+            ("rebatch", "RebatchImages", [1900, 440], [200, 60], {"batch_size": 1}),
+            ("size", "GetImageSize", [1900, 580], [200, 80], {}),
+            ("grid", "ImageGrid", [2140, 440], [320, 160],
+             {"columns": 3, "cell_width": size, "cell_height": size, "padding": 8}),
+            ("save_sheet", "SaveImage", [2500, 40], [420, 320],
              {"filename_prefix": f"spectral_anchors/{name}/sheet"}, "Save Image (sheet)"),
-            _note("output_note", [2940, 440], 420, output_note, "Output: frames and sheet"),
+            _note("output_note", [2500, 440], 420, output_note, "Output: frames and sheet"),
         ],
         links=[
-            *_SPECTRAL_PIPELINE_LINKS,
+            ("loader", "CLIP", "story", "clip"),
+            ("loader", "MODEL", "preset", "model"),
+            ("preset", "MODEL", "sampler", "model"),
+            ("story", "positive", "sampler", "positive"),
+            ("story", "negative", "sampler", "negative"),
+            ("story", "latent", "sampler", "latent_image"),
+            ("sampler", "LATENT", "decode", "samples"),
+            ("loader", "VAE", "decode", "vae"),
             ("decode", "IMAGE", "save_frames", "images"),
             ("decode", "IMAGE", "rebatch", "images"),
+            ("decode", "IMAGE", "size", "image"),
             ("rebatch", "IMAGE", "grid", "images"),
+            ("size", "width", "grid", "cell_width"),
+            ("size", "height", "grid", "cell_height"),
             ("grid", "IMAGE", "save_sheet", "images"),
         ],
     )
@@ -303,23 +329,23 @@ _SHEET_SDXL_OVERVIEW = _prose("""
 Spectral character sheet (SDXL)
 
 One character, six scenes, one batch. Spectral Story Prompts writes one prompt per scene (the style template filled
-with the subject and the scene) and an empty latent with one image per scene. Spectral Anchor Attention makes the
-first 2 images anchors: every image also attends to the anchors' keys and values in the UNet's decoder
-self-attention, so the character keeps one look in all six scenes. There are no subject masks: the anchors' keys
-and values are filtered by their singular values instead (the spectral variant of ConsiStory), with the research's
-recommended spectra.
+with the subject and the scene) and an empty latent with one image per scene. Consistent Character makes the first
+2 images anchors: every image also attends to the anchors' keys and values in the UNet's decoder self-attention, so
+the character keeps one look in all six scenes. Its preset, recommended, filters what the scenes take from the
+anchors by their singular values (the spectral variant of ConsiStory, with the research's recommended settings).
 
-How to use: choose your SDXL checkpoint in Load Checkpoint (sd_xl_base_1.0 here), describe the character once in
-subject and write one scene per line. Queue. The badges above the pack's nodes show the scene count, "anchors 2 of
-6" and the spectrum chains.
+How to use: choose your SDXL checkpoint in Load Checkpoint (sd_xl_base_1.0 here; the file goes in ComfyUI's
+models/checkpoints folder), describe the character once in subject and write one scene per line. Queue. If the
+character drifts, try the preset stronger identity; if every scene looks alike, more variety; if the anchors'
+backgrounds show up in the other scenes, less background leakage.
 
 Cost: the six 1024 x 1024 images are sampled as one batch, so they need the memory of a batch of six plus the
 anchors' extra keys and values (the extended attention). If you run out of memory, use fewer scenes or a smaller
 size.
 
 Every knob is explained in the notes next to its node. For the ConsiStory-style setup see
-consistory_baseline_sdxl, for a comparison on identical seeds side_by_side_comparison_sdxl, and to see what the
-filters do spectrum_plot_sdxl.
+template 4 (ConsiStory baseline), for a comparison on identical seeds template 3 (Side by side), and to see what the
+filters do template 5 (Spectrum plot).
 """)
 
 SPECTRAL_CHARACTER_SHEET_SDXL = _character_sheet(
@@ -330,8 +356,8 @@ SPECTRAL_CHARACTER_SHEET_SDXL = _character_sheet(
 _SHEET_SD15_OVERVIEW = _prose("""
 Spectral character sheet (SD 1.5)
 
-The SD 1.5 version of spectral_character_sheet_sdxl: one character, six scenes, one batch, the first 2 images as
-anchors, and the same recommended spectra (K: quantile 0.05; V: log_squared then energy 0.95). The pack works on
+The SD 1.5 version of template 1 (Character sheet, SDXL): one character, six scenes, one batch, the first 2 images as
+anchors, and the same recommended preset of Consistent Character. The pack works on
 SD 1.x / 2.x UNets as on SDXL; the research's numbers were measured on SDXL, so treat them as a starting point here.
 
 What differs from SDXL: the checkpoint (v1-5-pruned-emaonly here; any SD 1.5 fine-tune works), 512 x 512 images
@@ -356,7 +382,7 @@ _CONSISTORY_OVERVIEW = _prose("""
 ConsiStory baseline (SDXL)
 
 The published ConsiStory method (Tewel et al., 2024), built from this pack's nodes, as the baseline the spectral
-variant is measured against. Same character and six scenes as spectral_character_sheet_sdxl; the first 2 images are
+variant is measured against. Same character and six scenes as template 1 (Character sheet, SDXL); the first 2 images are
 anchors.
 
 - Subject masks: anchors share only the tokens where the subject is, found from the cross-attention of the subject
@@ -445,6 +471,7 @@ _consistory_freeu = ("freeu", "FreeU", [40, _below(_consistory_loader)], [440, 1
 
 CONSISTORY_BASELINE_SDXL = WorkflowGraph(
     name="consistory_baseline_sdxl",
+    title=TITLES["consistory_baseline_sdxl"],
     nodes=[
         _consistory_overview,
         _consistory_loader,
@@ -489,8 +516,8 @@ The same four prompts (one Spectral Story Prompts node) and the same seed (one s
 samplers) go through three models:
 - vanilla: the checkpoint as it is, no sharing; each image on its own.
 - ConsiStory-style: subject masks, mask dropout 0.5, query blending and two-pass feature injection (as in
-consistory_baseline_sdxl, without FreeU so that only the sharing differs).
-- spectral: mask-free sharing with the recommended spectra (as in spectral_character_sheet_sdxl).
+template 4, without FreeU so that only the sharing differs).
+- spectral: mask-free sharing with the recommended spectra (the recommended preset of template 1, as explicit nodes).
 Only the model differs, so any difference between
 the three comes from the method.
 
@@ -522,13 +549,13 @@ Every lane gets this node's positive, negative and latent, so the prompts are id
 _CONSISTORY_LANE_NOTE = _prose("""
 ConsiStory-style lane: Spectral Anchor Attention with subject_masks on (story connected), mask_dropout 0.5,
 query_blending on, no spectra; then Spectral Feature Injection, two-pass, strength 0.8, steps 0.1-0.333 of the run,
-finest layers. The knobs are explained in consistory_baseline_sdxl.
+finest layers. The knobs are explained in template 4 (ConsiStory baseline).
 """)
 
 _SPECTRAL_LANE_NOTE = _prose("""
 Spectral lane: K Spectral Truncate quantile 0.05 (keys decide background leakage: keep 1-5 %); V Spectral Reweight
 log_squared, then Spectral Truncate energy 0.95 (values decide similarity: log^2 flattens the spectrum, energy keeps
-its bulk). No masks. The knobs are explained in spectral_character_sheet_sdxl.
+its bulk). No masks. They are the recommended preset of Consistent Character (its help page explains them).
 """)
 
 _COMPARISON_SAMPLER_NOTE = _prose("""
@@ -614,6 +641,7 @@ _comparison_story_note = _note("story_note", [520, 730], 440, _COMPARISON_STORY_
 
 SIDE_BY_SIDE_COMPARISON_SDXL = WorkflowGraph(
     name="side_by_side_comparison_sdxl",
+    title=TITLES["side_by_side_comparison_sdxl"],
     nodes=[
         _comparison_overview,
         _comparison_loader,
@@ -708,7 +736,7 @@ layers = decoder on SDXL there are 36: 0-29 on the 32 x 32 token grid (1024 toke
 """)
 
 _PLOT_SPECTRA_NOTE = _prose("""
-The recommended spectra, as in spectral_character_sheet_sdxl: K Spectral Truncate quantile 0.05 (keys mostly decide
+The recommended preset's spectra, as explicit nodes: K Spectral Truncate quantile 0.05 (keys mostly decide
 background leakage: keep 1-5 %); V Spectral Reweight log_squared, then Spectral Truncate energy 0.95 (values mostly
 decide similarity: log^2 flattens the spectrum, energy keeps its bulk). Change them and queue again to see the
 plots change.
@@ -723,6 +751,7 @@ _plot_overview = _note("overview", [40, 40], 440, _PLOT_OVERVIEW, "Read me: spec
 
 SPECTRUM_PLOT_SDXL = WorkflowGraph(
     name="spectrum_plot_sdxl",
+    title=TITLES["spectrum_plot_sdxl"],
     nodes=[
         _plot_overview,
         ("loader", "CheckpointLoaderSimple", [40, _below(_plot_overview)], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
@@ -737,9 +766,9 @@ SPECTRUM_PLOT_SDXL = WorkflowGraph(
         ("decode", "VAEDecode", [1920, 600], [200, 50], {}),
         ("preview_images", "PreviewImage", [1920, 720], [320, 320], {}, "Preview Image (the scenes)"),
         ("plot_coarse", "SpectralSpectrumPlot", [2300, 40], [300, 110], {"layer": 0, "step": -1},
-         "Spectrum plot: layer 0 (32 x 32 grid)"),
+         "Spectrum plot: layer 0 (the coarse grid)"),
         ("plot_fine", "SpectralSpectrumPlot", [2300, 540], [300, 110], {"layer": 30, "step": -1},
-         "Spectrum plot: layer 30 (64 x 64 grid)"),
+         "Spectrum plot: layer 30 (the fine grid)"),
         ("preview_coarse", "PreviewImage", [2640, 40], [560, 430], {}, "Preview Image (layer 0)"),
         ("preview_fine", "PreviewImage", [2640, 540], [560, 430], {}, "Preview Image (layer 30)"),
         _note("plot_note", [2300, 1040], 900, _PLOT_NOTE, "Spectrum plot: the knobs"),
@@ -994,5 +1023,6 @@ REFERENCE_CHARACTER_SDXL = WorkflowGraph(
 )
 
 WORKFLOWS = {graph.name: graph for graph in (
-    ANCHOR_ATTENTION_BASIC, SPECTRAL_CHARACTER_SHEET_SDXL, CONSISTORY_BASELINE_SDXL, SIDE_BY_SIDE_COMPARISON_SDXL,
-    SPECTRUM_PLOT_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, COMPARE_SETTINGS_SDXL, REFERENCE_CHARACTER_SDXL)}
+    SPECTRAL_CHARACTER_SHEET_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, SIDE_BY_SIDE_COMPARISON_SDXL,
+    CONSISTORY_BASELINE_SDXL, SPECTRUM_PLOT_SDXL, ANCHOR_ATTENTION_BASIC, COMPARE_SETTINGS_SDXL,
+    REFERENCE_CHARACTER_SDXL)}

@@ -1,4 +1,4 @@
-"""attention/correspondence.py and attention/injection.py against METHOD.md section 2 (feature injection)."""
+"""attention/correspondence.py and attention/injection.py against docs/method.md section 2 (feature injection)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""attention/masks.py against METHOD.md section 2 (subject masks, Otsu, mask dropout) on constructed cases."""
+"""attention/masks.py against docs/method.md section 2 (subject masks, Otsu, mask dropout) on constructed cases."""
 
 from __future__ import annotations
 

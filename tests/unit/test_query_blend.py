@@ -1,4 +1,4 @@
-"""attention/query_blend.py against METHOD.md section 2 (query blending schedule and mix)."""
+"""attention/query_blend.py against docs/method.md section 2 (query blending schedule and mix)."""
 
 from __future__ import annotations
 

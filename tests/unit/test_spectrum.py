@@ -1,4 +1,4 @@
-"""attention/spectrum.py against the definitions of METHOD.md section 3.
+"""attention/spectrum.py against the definitions of docs/method.md section 3.
 
 The oracle below restates each definition in plain Python (lists, math.fsum), independent of
 the implementation's tensor code. Matrix tests build X = U diag(s) V^T from a chosen spectrum,
