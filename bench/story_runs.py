@@ -124,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="paired timing repeats; 0 skips the paired timing")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "SCENES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -140,21 +140,25 @@ def main() -> None:
     print(f"tiny SDXL-architecture UNet, {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latent), "
           f"euler {args.steps} steps, cfg {CFG}, anchors {ANCHORS}, images_per_batch {IMAGES_PER_BATCH}, 1 thread")
     print("\npeak memory of sampling above the loaded model (fresh process per row)")
-    print(f"{'scenes':>6} {'runs':>5} {'sampled':>8} {'replay':>7} | {'split MiB':>9} {'one batch MiB':>13}")
+    print(f"{'scenes':>6} {'runs':>5} {'sampled':>8} {'replay':>7} | {'split MiB':>9} {'one batch MiB':>13} | "
+          f"{'split s/scene':>13} {'one s/scene':>11} (unpaired)")
     memory = {}
     for scenes in SCENE_COUNTS:
         layout = plan_runs(scenes, ANCHORS, IMAGES_PER_BATCH)
-        split = probed("split", scenes, args.size, args.steps)["extra_kib"] / 1024
-        one = probed("one", scenes, args.size, args.steps)["extra_kib"] / 1024
+        split_probe = probed("split", scenes, args.size, args.steps)
+        one_probe = probed("one", scenes, args.size, args.steps)
+        split, one = split_probe["extra_kib"] / 1024, one_probe["extra_kib"] / 1024
         memory[scenes] = (split, one)
         replay = layout.sampled_rows / scenes - 1
         print(f"{scenes:>6} {layout.run_count:>5} {layout.sampled_rows:>8} {replay:>6.0%} | {split:>9.1f} "
-              f"{one:>13.1f}")
+              f"{one:>13.1f} | {split_probe['seconds'] / scenes:>13.2f} {one_probe['seconds'] / scenes:>11.2f}")
     splits = [memory[s][0] for s in SCENE_COUNTS]
     ones = [memory[s][1] for s in SCENE_COUNTS]
     print(f"split: largest / smallest peak = {max(splits) / max(min(splits), 1e-9):.2f} (flat = 1.00); "
           f"one batch: 24 scenes / 6 scenes = {ones[-1] / max(ones[0], 1e-9):.2f}")
 
+    if args.repeats <= 0:
+        return
     print(f"\ntime per scene, paired in one process (median of {args.repeats})")
     print(f"{'scenes':>6} | {'split s':>8} {'one batch s':>11} {'ratio':>6} {'expected':>8}")
     for scenes, (split, one) in paired_times(args.size, args.steps, args.repeats).items():
