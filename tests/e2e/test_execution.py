@@ -30,7 +30,7 @@ MIN_AVAILABLE_BYTES = 16 * 2**30
 # SDXL workflows this test runs when they exist (the SD1.5 variant cannot run on an SDXL checkpoint). Each must
 # save its batch with SaveImage, one image per batch item (a SaveImage of core's Image Grid saves one sheet).
 EXECUTED_WORKFLOWS = tuple(WORKFLOWS[name].title for name in (
-    "spectral_character_sheet_sdxl", "anchor_attention_basic", "compare_settings_sdxl"))
+    "spectral_character_sheet_sdxl", "anchor_attention_basic", "compare_settings_sdxl", "character_sheet_long_sdxl"))
 CHECKPOINT_NAME = "spectral_anchors_e2e_random_sdxl.safetensors"
 SIZE, STEPS, BATCH = 128, 2, 3  # 128 px = a 16x16 latent, the smallest that keeps SDXL's three token grids
 RUN_TIMEOUT = 900.0
@@ -106,8 +106,12 @@ def reduce_prompt(prompt: dict) -> int:
         if class_type == "EmptyLatentImage":
             inputs["batch_size"] = batch = BATCH
         elif class_type == "SpectralStoryPrompts" and isinstance(inputs.get("scenes"), str):
-            scenes = [line for line in inputs["scenes"].splitlines() if line.strip()][:BATCH]
+            # A split story keeps two runs of BATCH images (the second replays the anchors), one batch BATCH scenes.
+            split = inputs.get("images_per_batch", 0) > 0
+            scenes = [line for line in inputs["scenes"].splitlines() if line.strip()][:BATCH + split]
             inputs["scenes"] = "\n".join(scenes)
+            if split:
+                inputs["images_per_batch"] = BATCH
             batch = len(scenes)
     assert batch, "cannot tell the workflow's batch size (no EmptyLatentImage or SpectralStoryPrompts scenes)"
     return batch
@@ -132,7 +136,10 @@ def expected_saves(prompt: dict, saver_id: str, batch: int) -> tuple[int, tuple[
     """How many images a SaveImage node writes, and their size: the batch at SIZE, or one sheet when it saves the
     output of core's Image Grid (which tiles the batch into cells of its own size)."""
     source_id = image_source(prompt, saver_id)
-    if prompt[source_id]["class_type"] != "ImageGrid":
+    source = prompt[source_id]
+    if source["class_type"] == "SpectralSheet":  # output 0: every scene once; output 1: one sheet (checked apart)
+        return (batch, (SIZE, SIZE)) if prompt[saver_id]["inputs"]["images"][1] == 0 else (1, None)
+    if source["class_type"] != "ImageGrid":
         return batch, (SIZE, SIZE)
     grid = grid_inputs(prompt, source_id)
     columns = min(grid["columns"], batch)
@@ -173,7 +180,7 @@ def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPag
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / f"run-{workflow_path.stem}-{node_id}-{number}.png").write_bytes(path.read_bytes())
             with Image.open(path) as image:
-                assert image.size == size
+                assert size is None or image.size == size
                 # Random weights give noise, but NaNs anywhere in the pipeline would give a flat black image.
                 extrema = image.convert("L").getextrema()
                 assert extrema[0] < extrema[1], f"{path.name} is one flat colour {extrema}"
@@ -199,3 +206,21 @@ def test_workflow_runs_on_full_size_sdxl(sdxl_checkpoint: Path, app_page: AppPag
             found = sheet[top:top + grid["cell_height"], left:left + grid["cell_width"]]
             difference = np.abs(found - np.asarray(cell, dtype=np.int16)).max()
             assert difference <= 1, f"sheet cell {number} differs from frame {number} by up to {difference}"
+
+    # Spectral Sheet: its sheet holds each frame it outputs, at full size, at the padding offset, left to right.
+    for node_id in savers:
+        sheet_id = image_source(output, node_id)
+        if output[sheet_id]["class_type"] != "SpectralSheet" or output[node_id]["inputs"]["images"][1] != 1:
+            continue
+        frames = [saved[other] for other in savers if output[other]["inputs"]["images"] == [sheet_id, 0]]
+        assert frames and len(frames[0]) == batch, "no SaveImage saves the Spectral Sheet's scenes"
+        padding = output[sheet_id]["inputs"].get("padding", 8)
+        with Image.open(saved[node_id][0]) as sheet_image:
+            sheet = np.asarray(sheet_image.convert("RGB"), dtype=np.int16)
+        assert sheet.shape[0] > SIZE and sheet.shape[1] > SIZE
+        for number, frame_path in enumerate(frames[0][:2]):  # the first row holds at least two cells
+            left = padding + number * (SIZE + padding)
+            with Image.open(frame_path) as frame:
+                cell = np.asarray(frame.convert("RGB"), dtype=np.int16)
+            difference = np.abs(sheet[padding:padding + SIZE, left:left + SIZE] - cell).max()
+            assert difference <= 2, f"sheet cell {number} differs from frame {number} by up to {difference}"

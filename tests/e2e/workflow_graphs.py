@@ -196,6 +196,27 @@ _SPECTRAL_PIPELINE_LINKS = [
 ]
 
 
+_SPECTRA_NOTE = _prose("""
+Spectral filters: what the other images see of the anchors
+
+In every shared layer, each anchor's keys (K) and values (V) are a matrix (tokens x channels). Before the other
+images attend to them, their singular values are filtered here. An image's own K and V are never changed.
+
+- K (key_spectrum): Spectral Truncate, quantile 0.05 = keep the largest 5 % of K's singular values. The research
+found that K mostly decides background leakage between images, so keep 1-5 %: with 10 % or more, the anchors'
+backgrounds start to show up in the other scenes. 0.05 was best for most prompts; try 0.01-0.03 if backgrounds
+still leak, or raise it a little if the character drifts.
+- V (value_spectrum): Spectral Reweight log_squared, then Spectral Truncate energy 0.95. V mostly decides how
+similar the subject looks. log_squared (s -> (ln s)^2, rescaled to the same overall size) flattens the spectrum so
+the weaker directions that carry the subject's details count more: the best single result in the study. Energy
+0.95 then keeps the fewest values that hold 95 % of the reweighted energy: the bulk of the subject without the
+long tail. Energy needs at least 0.9 to help and is very sensitive above that: move it in small steps (0.93-0.97).
+- Chains run top to bottom: Reweight feeds Truncate, and each step sees the previous step's output. The badges show
+each chain as the spectrum plot titles it.
+- solver exact (recommended); lowrank is an explicit, approximate shortcut.
+- Unplug key_spectrum / value_spectrum to share K / V unfiltered: more identity, more background leakage.
+""")
+
 _SAMPLER_NOTE = _prose("""
 Sampler settings
 
@@ -1022,7 +1043,98 @@ REFERENCE_CHARACTER_SDXL = WorkflowGraph(
     ],
 )
 
+# ---------------------------------------------------------------- character_sheet_long_sdxl
+
+_LONG_SCENES = SCENES + [
+    "bargaining at a spice market stall",
+    "climbing a lighthouse staircase in a storm",
+    "reading by candlelight in an old library",
+    "crossing a rope bridge over a canyon",
+    "feeding pigeons in a sunny town square",
+    "waving goodbye from a steam train window",
+]
+_LONG_PER_BATCH = 4
+
+_LONG_OVERVIEW = _prose(f"""
+Long character sheet (SDXL): {len(_LONG_SCENES)} scenes in runs of {_LONG_PER_BATCH}
+
+One character, {len(_LONG_SCENES)} scenes, sampled in the memory of a batch of {_LONG_PER_BATCH}. Spectral Story
+Prompts splits the story into sampler runs (images_per_batch {_LONG_PER_BATCH}): every run holds the 2 anchors
+again, then the next 2 scenes. A target sees only itself and the anchors, so every image comes out as it would in
+one batch of {len(_LONG_SCENES)} (exactly, with a deterministic sampler such as dpmpp_2m here), and the anchors come
+out identical in every run.
+
+The story's positive, negative and latent are lists, one entry per run: the KSampler and VAE Decode run once per
+run by themselves (5 runs here). Spectral Sheet takes the images of all runs and gives every scene once, in scene
+order, and one labelled sheet.
+
+Cost: memory is that of a batch of {_LONG_PER_BATCH}, whatever the story's length. Compute: each run after the first
+samples the 2 anchors again: 20 images for 12 scenes (1.67x). A larger images_per_batch repeats the anchors less
+often but needs more memory: see the note next to the story and the README's "Long character sheets".
+""")
+
+_LONG_STORY_NOTE = _prose(f"""
+Spectral Story Prompts: the run settings
+
+- anchors 2: the first 2 scenes are the anchors, repeated at the start of every run. It must equal Spectral Anchor
+Attention's anchors (a different value is an error naming both inputs).
+- images_per_batch {_LONG_PER_BATCH}: images per sampler run (anchors included), so each run adds 2 new scenes.
+Choose the largest batch your GPU samples at this size without running out of memory (try that batch size once);
+anchors + 2 or more keeps the repeated work low. 0 samples the whole story in one batch.
+- The latent of each run carries batch_index, the images' places in the one-batch story, so each scene gets the
+noise it would get in one batch (same_noise: all the same noise).
+- Up to 512 scenes when split (64 in one batch).
+- Samplers: deterministic ones (dpmpp_2m, euler, ddim, uni_pc ...) give every image exactly its one-batch result.
+Ancestral and SDE samplers give identical anchors in every run, but the targets draw other (equally valid)
+per-step noise than in one batch.
+""")
+
+_LONG_SHEET_NOTE = _prose("""
+Spectral Sheet: the story put back together
+
+- images: the VAE Decode of every run (it receives all runs at once).
+- story: the same story, so it knows which image is which scene and which are repeated anchors.
+- columns 0: automatic, 4 x 3 for twelve square images. labels on: each scene's line under its cell (Pillow's
+built-in font).
+- Save Image (frames) writes each scene once, in scene order; Save Image (sheet) the grid.
+- Keep the lists in order: a run's positive, negative and latent must stay together (a mix-up is an error).
+""")
+
+_long_overview = _note("overview", [40, 40], 440, _LONG_OVERVIEW, "Read me: long character sheet")
+_long_story_note = _note("story_note", [520, 730], 440, _LONG_STORY_NOTE, "Story prompts: runs of 4")
+
+CHARACTER_SHEET_LONG_SDXL = WorkflowGraph(
+    name="character_sheet_long_sdxl",
+    nodes=[
+        _long_overview,
+        ("loader", "CheckpointLoaderSimple", [40, _below(_long_overview)], [440, 100], {"ckpt_name": SDXL_CHECKPOINT}),
+        ("story", "SpectralStoryPrompts", [520, 40], [440, 620],
+         {**_story(_LONG_SCENES, 1024), "anchors": 2, "images_per_batch": _LONG_PER_BATCH}),
+        _long_story_note,
+        *_spectra_nodes(1000, 40, 320),
+        _note("spectra_note", [1000, 620], 460, _SPECTRA_NOTE, "Spectra: why these settings"),
+        ("attention", "SpectralAnchorAttention", [1500, 40], [340, 330], _SPECTRAL_ATTENTION),
+        _note("attention_note", [1500, 440], 400, _ATTENTION_NOTE, "Anchor attention: the knobs"),
+        ("sampler", "KSampler", [1940, 40], [320, 270], _sampler(5.0)),
+        _note("sampler_note", [1940, 440], 360, _SAMPLER_NOTE, "Sampler: why these settings"),
+        ("decode", "VAEDecode", [2340, 40], [200, 50], {}),
+        ("sheet", "SpectralSheet", [2340, 180], [260, 130], {"columns": 0, "labels": True, "padding": 8}),
+        _note("sheet_note", [2340, 440], 420, _LONG_SHEET_NOTE, "Spectral Sheet: the knobs"),
+        ("save_frames", "SaveImage", [2660, 40], [320, 300],
+         {"filename_prefix": "spectral_anchors/character_sheet_long_sdxl/frame"}, "Save Image (frames)"),
+        ("save_sheet", "SaveImage", [3020, 40], [420, 320],
+         {"filename_prefix": "spectral_anchors/character_sheet_long_sdxl/sheet"}, "Save Image (sheet)"),
+    ],
+    links=[
+        *_SPECTRAL_PIPELINE_LINKS,
+        ("decode", "IMAGE", "sheet", "images"),
+        ("story", "SPECTRAL_STORY", "sheet", "story"),
+        ("sheet", "images", "save_frames", "images"),
+        ("sheet", "sheet", "save_sheet", "images"),
+    ],
+)
+
 WORKFLOWS = {graph.name: graph for graph in (
     SPECTRAL_CHARACTER_SHEET_SDXL, SPECTRAL_CHARACTER_SHEET_SD15, SIDE_BY_SIDE_COMPARISON_SDXL,
     CONSISTORY_BASELINE_SDXL, SPECTRUM_PLOT_SDXL, ANCHOR_ATTENTION_BASIC, COMPARE_SETTINGS_SDXL,
-    REFERENCE_CHARACTER_SDXL)}
+    REFERENCE_CHARACTER_SDXL, CHARACTER_SHEET_LONG_SDXL)}
