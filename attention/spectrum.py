@@ -143,6 +143,11 @@ Step = Truncate | Reweight
 # ---------------------------------------------------------------------------------------------
 
 
+def _accurate(values: Tensor) -> Tensor:
+    """Value vectors in float64, except float32 vectors (which come from the float64-less path): their own dtype."""
+    return values if values.dtype == torch.float32 else values.double()
+
+
 def quantile_keep_count(q: float, r: int) -> int:
     """Number of values a quantile-q truncation keeps out of r: ceil(q r), at least 1."""
     if r <= 0:
@@ -169,10 +174,11 @@ def truncation_keep_mask(s: Tensor, mode: str, value: float) -> Tensor:
     elif mode == "quantile":
         keep_ranked = (position < quantile_keep_count(value, r)).expand(ranked.shape)
     else:
-        # float64 so the cumulative energy is accurate far below ENERGY_TOL.
-        energy = ranked.double().square()
+        # float64 (unless the values come from a device without it) so the cumulative energy is accurate far
+        # below ENERGY_TOL.
+        energy = _accurate(ranked).square()
         total = energy.sum(-1, keepdim=True)
-        fraction = energy.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+        fraction = energy.cumsum(-1) / total.clamp_min(torch.finfo(energy.dtype).tiny)
         reached = fraction >= value - ENERGY_TOL
         if value >= 1.0:
             # q = 1 keeps every component, even one whose energy is below the rounding of the
@@ -208,11 +214,11 @@ def reweight_values(s: Tensor, mode: str, alpha: float = 1.0) -> Tensor:
     validate_reweight(mode, alpha)
     if s.shape[-1] == 0:
         return s.clone()
-    work = s.double()
+    work = _accurate(s)
     positive = work > 0
     if mode == "exp":
         s_max = work.amax(-1, keepdim=True)
-        ratio = work / s_max.clamp_min(torch.finfo(torch.float64).tiny)
+        ratio = work / s_max.clamp_min(torch.finfo(work.dtype).tiny)
         shaped = work * torch.exp(alpha * ratio)
     else:
         # log of a placeholder 1 where s == 0, so no -inf is ever formed.
@@ -373,18 +379,17 @@ def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, 
 
     With float64 (allow_float64), Gram and eigenproblem are both float64: products of float32 numbers are exact
     there, so the only error left is the solver's ~1e-16 ||G||, and singular values are resolved down to
-    ~1e-8 s_max -- what the reweightings need, since they lift small values. Without float64 (MPS), both are
-    float32: values below ~3e-4 s_max are then unresolved (docs/precision.md states that bound).
+    ~1e-8 s_max -- what the reweightings need, since they lift small values. Without float64 (MPS) squaring
+    in float32 would lose every value below ~3e-4 s_max, so that path takes a Householder QR of x and the SVD
+    of its small triangle instead (_qr_svd): rounding at the level of x, as in a float32 SVD.
     """
     tall = x.shape[-2] >= x.shape[-1]
     solver = _solver_device(x.device)
     rows = x if tall else x.mT
-    if allow_float64 and x.dtype in (torch.float32, torch.float64):
-        gram = _gram_float64(rows).to(solver)
-        gram_eps = torch.finfo(torch.float64).eps
-    else:
-        gram = (rows.mT @ rows).to(solver)
-        gram_eps = torch.finfo(gram.dtype).eps
+    if not allow_float64 and x.dtype != torch.float64:
+        return _qr_svd(rows, solver, tall)
+    gram = _gram_float64(rows).to(solver)
+    gram_eps = torch.finfo(torch.float64).eps
     finite = torch.isfinite(gram).flatten(1).all(1)
     # Unconditional (no host sync): the Gram is small.
     gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
@@ -400,6 +405,21 @@ def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, 
     s = eigenvalues.sqrt()
     basis = eigenvectors.flip(-1)
     return s.to(x.device), basis.to(x.device), tall, finite.to(x.device)
+
+
+def _qr_svd(rows: Tensor, solver: torch.device, tall: bool) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """The float32-only full decomposition of rows [n, L, m] (L >= m): R of a QR, then the SVD of R [m, m].
+    Backward stable at the level of x (u ||x||), where a float32 Gram would be at u ||x||^2."""
+    device = rows.device
+    norm = torch.linalg.vector_norm(rows, dim=(-2, -1))
+    finite = torch.isfinite(norm)
+    clean = torch.where(finite[:, None, None], rows, torch.zeros_like(rows)).to(solver)
+    triangle = torch.linalg.qr(clean, mode="r").R
+    _, s, vh = torch.linalg.svd(triangle)
+    # Zero directions come out as rounding noise near sqrt(L) u s_max; L u s_max calls them zero.
+    floor = rows.shape[-2] * torch.finfo(rows.dtype).eps * s[..., :1]
+    s = torch.where(s > floor, s, torch.zeros_like(s))
+    return s.to(device), vh.mT.to(device), tall, finite
 
 
 def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, width: int) -> Tensor:
@@ -464,7 +484,7 @@ def _truncation_counts(values: Tensor, total: Tensor, steps: tuple[Step, ...], r
     ||X||_F^2 [n] (float64): (count [n], determined [n] bool). An energy step is determined when its threshold
     is met inside the block; otherwise (or for a count beyond the block) the full decomposition must decide."""
     count_rows, block = values.shape
-    prefix = values.double().square().cumsum(-1)
+    prefix = values.to(total.dtype).square().cumsum(-1)
     position = torch.arange(1, block + 1, device=values.device)
     count = torch.full((count_rows,), r, dtype=torch.long, device=values.device)
     determined = torch.ones(count_rows, dtype=torch.bool, device=values.device)
@@ -478,7 +498,7 @@ def _truncation_counts(values: Tensor, total: Tensor, steps: tuple[Step, ...], r
         inside = count <= block
         kept = torch.where(count >= r, total, prefix.gather(-1, (count.clamp(1, block) - 1)[:, None])[:, 0])
         determined &= inside | (count >= r)
-        fraction = prefix / kept.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+        fraction = prefix / kept.clamp_min(torch.finfo(total.dtype).tiny)[:, None]
         reached = (fraction >= step.value - ENERGY_TOL) & (position <= count[:, None])
         found = reached.any(-1)
         first = reached.int().argmax(-1) + 1
@@ -503,7 +523,8 @@ def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, 
     """Pure truncation chains by the iterative solver: X V_k V_k^T from the certified top-k pairs. No host sync."""
     tall = work.shape[-2] >= work.shape[-1]
     r = min(work.shape[-2], work.shape[-1])
-    total = torch.linalg.vector_norm(work, dim=(-2, -1), dtype=torch.float64).square()
+    total = torch.linalg.vector_norm(work, dim=(-2, -1), dtype=torch.float64 if allow_float64 else work.dtype)
+    total = total.square()
     finite = torch.isfinite(total)
     clean = torch.where(finite[:, None, None], work, torch.zeros_like(work))
     rows = clean if tall else clean.mT

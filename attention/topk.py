@@ -25,10 +25,12 @@ from torch import Tensor
 # sizes after many iterations, is 2-6 u s_1; 64 leaves room for it and still certifies a subspace as good as a
 # float32 SVD's within that factor.
 RESIDUAL_TOLERANCE = 64.0
-# Iterations without a previous basis (from a seeded Gaussian block) and with one (the same anchor, layer and
-# chunk at the previous step, whose subspace moves little from step to step).
-COLD_ITERATIONS = 3
-WARM_ITERATIONS = 1
+# X-level iterations without a previous basis (after the Gram iterations below, from a seeded Gaussian block) and
+# with one (the same anchor, layer and chunk at the previous step, whose subspace moves little step to step).
+COLD_ITERATIONS = 1
+WARM_ITERATIONS = 2
+# From scratch, the iteration first runs on the float32 Gram matrix X^T X (cheap products, squared rounding).
+GRAM_ITERATIONS = 10
 # Columns beyond the values kept: the convergence factor per iteration is (s_{p+1} / s_k)^2.
 MIN_OVERSAMPLING = 16
 # The iteration pays off only when the block is a small part of the spectrum.
@@ -97,6 +99,13 @@ def top_singular(x: Tensor, block: int, start: Tensor | None = None, iterations:
     if start is None:
         right = _orthonormal(_start_block(count, size, block, x), small)
         iterations = COLD_ITERATIONS if iterations is None else iterations
+        if iterations > 0:
+            # From scratch the block needs many iterations on spectra that decay slowly (power laws): run them
+            # on the float32 Gram matrix, where each costs an [m, m] x [m, p] product, then let the X-level
+            # iterations below remove the Gram's squared rounding from the subspace.
+            gram = x.mT @ x
+            for _ in range(GRAM_ITERATIONS):
+                right = _orthonormal(gram @ right, small)
     else:
         right = _orthonormal(start.to(x.device, x.dtype), small)
         iterations = WARM_ITERATIONS if iterations is None else iterations
@@ -106,11 +115,19 @@ def top_singular(x: Tensor, block: int, start: Tensor | None = None, iterations:
     # Rayleigh-Ritz on X restricted to span(right): the SVD of the small X right through its p x p Gram (float64:
     # the squaring then costs nothing against float32's rounding of X right itself).
     projected = x @ right
-    wide = projected.to(small)
-    eigenvalues, rotation = torch.linalg.eigh(wide.mT @ wide)
-    eigenvalues = eigenvalues.flip(-1).clamp_min(0)
-    rotation = rotation.flip(-1)
-    values = eigenvalues.sqrt()
+    if small == torch.float64:
+        wide = projected.to(small)
+        eigenvalues, rotation = torch.linalg.eigh(wide.mT @ wide)
+        eigenvalues = eigenvalues.flip(-1).clamp_min(0)
+        rotation = rotation.flip(-1)
+        values = eigenvalues.sqrt()
+    else:
+        # No float64: squaring X right in float32 would cost its small values' accuracy (u ||X||^2 / s_i), so
+        # the small SVD goes through a Householder QR and the p x p triangle's own SVD instead.
+        triangle = torch.linalg.qr(projected, mode="r").R
+        _, values, rotation_t = torch.linalg.svd(triangle)
+        rotation = rotation_t.mT
+        eigenvalues = values.square()
     rotation_work = rotation.to(x.dtype)
     right = right @ rotation_work
     projected = projected @ rotation_work
