@@ -75,7 +75,7 @@ def synchronize(device: torch.device) -> None:
 def paired_medians(functions: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each function, timed in turn repeat by repeat so load hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for name, function in functions.items():  # warm-up (kernels, allocator, caches)
+    for function in functions.values():  # warm-up (kernels, allocator, caches)
         function()
     for _ in range(repeats):
         for name, function in functions.items():
@@ -101,6 +101,11 @@ def spectra():
 
 
 def layer_check(layers, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
+    for tokens, channels, heads in layers:
+        one_layer(tokens, channels, heads, device, dtype, repeats)
+
+
+def one_layer(tokens: int, channels: int, heads: int, device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     import comfy.ldm.modules.attention as comfy_attention
 
     from spectral_anchors.attention.sharing import shared_attention
@@ -108,44 +113,43 @@ def layer_check(layers, device: torch.device, dtype: torch.dtype, repeats: int) 
 
     key_spectrum, value_spectrum = spectra()
     generator = torch.Generator(device=device).manual_seed(0)
-    for tokens, channels, heads in layers:
-        rows = CHUNKS * IMAGES
-        # Projected keys/values have decaying spectra: a few strong directions over a weak floor.
-        decay = torch.logspace(0, -2, channels, device=device)
-        mixing = torch.linalg.qr(torch.randn(channels, channels, generator=generator, device=device)).Q
+    rows = CHUNKS * IMAGES
+    # Projected keys/values have decaying spectra: a few strong directions over a weak floor.
+    decay = torch.logspace(0, -2, channels, device=device)
+    mixing = torch.linalg.qr(torch.randn(channels, channels, generator=generator, device=device)).Q
 
-        def projected(scale: float = 1.0) -> torch.Tensor:
-            raw = torch.randn(rows, tokens, channels, generator=generator, device=device) * decay
-            return ((raw @ mixing) * scale).to(dtype)
+    def projected() -> torch.Tensor:
+        raw = torch.randn(rows, tokens, channels, generator=generator, device=device) * decay
+        return (raw @ mixing).to(dtype)
 
-        q, k, v = projected(), projected(), projected()
+    q, k, v = projected(), projected(), projected()
 
-        def attend(a, b, c, heads=heads):
-            return comfy_attention.optimized_attention(a, b, c, heads)
+    def attend(a, b, c):
+        return comfy_attention.optimized_attention(a, b, c, heads)
 
-        def filtered(key_filter, value_filter, state: SolverState):
-            def pair(keys, values):
-                return tuple(filter_groups([(key_filter, keys), (value_filter, values)], state=state, slot="layer"))
+    def filtered(key_filter, value_filter, state: SolverState):
+        def pair(keys, values):
+            return tuple(filter_groups([(key_filter, keys), (value_filter, values)], state=state, slot="layer"))
 
-            def run():
-                out = shared_attention(q, k, v, CHUNKS, ANCHORS, attend, pair_filter=pair)
-                state.settle()  # the attention patch does this once per model call, not per layer
-                return out
+        def run():
+            out = shared_attention(q, k, v, CHUNKS, ANCHORS, attend, pair_filter=pair)
+            state.settle()  # the attention patch does this once per model call, not per layer
+            return out
 
-            run()  # the previous step: leaves the warm-start bases
-            return run
+        run()  # the previous step: leaves the warm-start bases
+        return run
 
-        functions = {
-            "plain": lambda: attend(q, k, v),
-            "extended": lambda: shared_attention(q, k, v, CHUNKS, ANCHORS, attend),
-            f"extended + K {key_spectrum!r}": filtered(key_spectrum, None, SolverState()),
-            f"extended + V {value_spectrum!r}": filtered(None, value_spectrum, SolverState()),
-            "extended + both (character sheet)": filtered(key_spectrum, value_spectrum, SolverState()),
-        }
-        with torch.inference_mode():
-            medians = paired_medians(functions, repeats, device)
-        print_table(f"layer T={tokens} C={channels} heads={heads}, B={IMAGES} x {CHUNKS} chunks, A={ANCHORS}, "
-                    f"{dtype}:", medians)
+    functions = {
+        "plain": lambda: attend(q, k, v),
+        "extended": lambda: shared_attention(q, k, v, CHUNKS, ANCHORS, attend),
+        f"extended + K {key_spectrum!r}": filtered(key_spectrum, None, SolverState()),
+        f"extended + V {value_spectrum!r}": filtered(None, value_spectrum, SolverState()),
+        "extended + both (character sheet)": filtered(key_spectrum, value_spectrum, SolverState()),
+    }
+    with torch.inference_mode():
+        medians = paired_medians(functions, repeats, device)
+    print_table(f"layer T={tokens} C={channels} heads={heads}, B={IMAGES} x {CHUNKS} chunks, A={ANCHORS}, "
+                f"{dtype}:", medians)
 
 
 def unet_model(device: torch.device, dtype: torch.dtype, smoke: bool):
