@@ -19,6 +19,9 @@ from torch import Tensor
 AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 # A spectrum filter: [n, T, C] -> [n, T, C]; applied to the anchors' contribution to other images only.
 MatrixFilter = Callable[[Tensor], Tensor]
+# Both filters at once: (anchor keys, anchor values) [n, T, C] each -> both filtered, so that one batched
+# decomposition can serve all anchors, chunks, K and V of a layer call.
+PairFilter = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def anchor_count_in_chunk(anchor_count: int, images_per_chunk: int) -> int:
@@ -36,12 +39,14 @@ def shared_attention(
     key_filter: MatrixFilter | None = None,
     value_filter: MatrixFilter | None = None,
     anchor_keep: Sequence[Tensor] | None = None,
+    pair_filter: PairFilter | None = None,
 ) -> Tensor:
     """Extended self-attention over a batch of `chunk_count` chunks laid out one after another.
 
     q, k, v: [chunk_count * B, N, C], projected, heads not split.
     key_filter / value_filter: applied once per anchor (and chunk) to the K / V that other images see;
         an image's own K / V, anchors' included, are never filtered.
+    pair_filter: filters the anchors' K and V together (used instead of key_filter / value_filter).
     anchor_keep: optional per-anchor LongTensor of token indices an anchor contributes to OTHER images
         (subject masks); the same for every chunk, since the cond chunk's mask serves both.
     """
@@ -57,8 +62,11 @@ def shared_attention(
         return x.reshape(chunk_count, per_chunk, tokens, channels)
 
     q4, k4, v4 = chunked(q), chunked(k), chunked(v)
-    shared_k = _anchor_contribution(k4[:, :anchors], key_filter)
-    shared_v = _anchor_contribution(v4[:, :anchors], value_filter)
+    if pair_filter is not None:
+        shared_k, shared_v = _pair_contribution(k4[:, :anchors], v4[:, :anchors], pair_filter)
+    else:
+        shared_k = _anchor_contribution(k4[:, :anchors], key_filter)
+        shared_v = _anchor_contribution(v4[:, :anchors], value_filter)
     if anchor_keep is not None:
         if len(anchor_keep) != anchors:
             raise ValueError(f"anchor_keep has {len(anchor_keep)} entries for {anchors} anchors")
@@ -97,3 +105,12 @@ def _anchor_contribution(anchor_x: Tensor, matrix_filter: MatrixFilter | None) -
     chunks, anchors, tokens, channels = anchor_x.shape
     filtered = matrix_filter(anchor_x.reshape(chunks * anchors, tokens, channels))
     return filtered.reshape(chunks, anchors, tokens, channels)
+
+
+def _pair_contribution(anchor_k: Tensor, anchor_v: Tensor, pair_filter: PairFilter) -> tuple[Tensor, Tensor]:
+    """Both anchors' matrices as other images see them, filtered in one call: [chunks, A, N, C] each."""
+    chunks, anchors, tokens, channels = anchor_k.shape
+    keys, values = pair_filter(anchor_k.reshape(chunks * anchors, tokens, channels),
+                               anchor_v.reshape(chunks * anchors, tokens, anchor_v.shape[-1]))
+    return (keys.reshape(chunks, anchors, tokens, channels),
+            values.reshape(chunks, anchors, tokens, anchor_v.shape[-1]))

@@ -5,9 +5,14 @@ X [T, C]: truncation zeroes the tail, reweighting reshapes the spectrum and resc
 keep ||s||_2. The singular vectors never change, so the whole chain runs on the value vector
 and the matrix is rebuilt once: X' = sum_i f(s_i) u_i v_i^T.
 
-The decomposition goes through the eigenproblem of the smaller Gram matrix (C x C or T x T),
-which is far cheaper than a thin SVD of a tall matrix and gives the same values and vectors.
-Plain PyTorch; never imports comfy.
+Two routes, both held to the precision bound of docs/precision.md against a float64 SVD:
+- pure truncation chains that keep few values use a certified iterative top-k solver
+  (attention/topk.py), warm-started inside sampling from the previous step's basis;
+- everything else decomposes through the eigenproblem of the smaller Gram matrix (C x C or
+  T x T), in float64 where the device has it.
+Nothing on the filtering path reads a tensor value on the host (no .item(), no branching on
+values) except the explicit fallback of a call made outside sampling. Plain PyTorch; never
+imports comfy.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from . import topk
 
 TruncateMode = Literal["fixed", "quantile", "energy"]
 ReweightMode = Literal["log", "log_squared", "exp"]
@@ -136,6 +143,11 @@ Step = Truncate | Reweight
 # ---------------------------------------------------------------------------------------------
 
 
+def _accurate(values: Tensor) -> Tensor:
+    """Value vectors in float64, except float32 vectors (which come from the float64-less path): their own dtype."""
+    return values if values.dtype == torch.float32 else values.double()
+
+
 def quantile_keep_count(q: float, r: int) -> int:
     """Number of values a quantile-q truncation keeps out of r: ceil(q r), at least 1."""
     if r <= 0:
@@ -162,10 +174,11 @@ def truncation_keep_mask(s: Tensor, mode: str, value: float) -> Tensor:
     elif mode == "quantile":
         keep_ranked = (position < quantile_keep_count(value, r)).expand(ranked.shape)
     else:
-        # float64 so the cumulative energy is accurate far below ENERGY_TOL.
-        energy = ranked.double().square()
+        # float64 (unless the values come from a device without it) so the cumulative energy is accurate far
+        # below ENERGY_TOL.
+        energy = _accurate(ranked).square()
         total = energy.sum(-1, keepdim=True)
-        fraction = energy.cumsum(-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+        fraction = energy.cumsum(-1) / total.clamp_min(torch.finfo(energy.dtype).tiny)
         reached = fraction >= value - ENERGY_TOL
         if value >= 1.0:
             # q = 1 keeps every component, even one whose energy is below the rounding of the
@@ -201,11 +214,11 @@ def reweight_values(s: Tensor, mode: str, alpha: float = 1.0) -> Tensor:
     validate_reweight(mode, alpha)
     if s.shape[-1] == 0:
         return s.clone()
-    work = s.double()
+    work = _accurate(s)
     positive = work > 0
     if mode == "exp":
         s_max = work.amax(-1, keepdim=True)
-        ratio = work / s_max.clamp_min(torch.finfo(torch.float64).tiny)
+        ratio = work / s_max.clamp_min(torch.finfo(work.dtype).tiny)
         shaped = work * torch.exp(alpha * ratio)
     else:
         # log of a placeholder 1 where s == 0, so no -inf is ever formed.
@@ -265,12 +278,73 @@ def chain_factors(s: Tensor, steps: tuple[Step, ...]) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decomposition and rebuild
+# Which route a chain takes
+# ---------------------------------------------------------------------------------------------
+
+
+def device_has_float64(device: torch.device) -> bool:
+    """Whether float64 may be used on `device`: Apple's MPS has none (and the pack never moves work off it)."""
+    return device.type != "mps"
+
+
+def _static_count(step: Truncate, r: int) -> int | None:
+    """How many values a fixed or quantile step keeps out of r (known from the shape alone)."""
+    if step.mode == "fixed":
+        return min(int(step.value), r)
+    if step.mode == "quantile":
+        return quantile_keep_count(step.value, r)
+    return None
+
+
+def prefix_width(steps: tuple[Step, ...], r: int) -> int:
+    """A width w such that every direction beyond the w leading ones ends with factor 0, known from the chain and
+    r alone: the fixed/quantile steps that come before any reweighting keep a prefix of the sorted spectrum (a
+    reweighting may reorder values, so later steps bound nothing)."""
+    width = r
+    for step in steps:
+        if isinstance(step, Reweight):
+            break
+        count = _static_count(step, r)
+        if count is not None:
+            width = min(width, count)
+    return width
+
+
+def keeps_everything(steps: tuple[Step, ...], r: int) -> bool:
+    """A pure truncation chain that keeps every value whatever the spectrum (fixed N >= r, quantile 1, energy 1)."""
+    for step in steps:
+        if not isinstance(step, Truncate):
+            return False
+        count = _static_count(step, r)
+        if count is not None and count < r:
+            return False
+        if step.mode == "energy" and step.value < 1.0:
+            return False
+    return True
+
+
+# A pure energy chain has no bound from the shape: its block is sized for this fraction of the values, and the
+# Ritz values then show whether the threshold is met inside the block (else the full decomposition is used).
+ENERGY_BLOCK_FRACTION = 0.1
+
+
+def topk_block(steps: tuple[Step, ...], r: int) -> int | None:
+    """Columns of the iterative top-k solver for a pure truncation chain that keeps few values, else None."""
+    if not steps or not all(isinstance(step, Truncate) for step in steps):
+        return None
+    bound = prefix_width(steps, r)
+    if bound >= r:
+        bound = max(1, math.ceil(ENERGY_BLOCK_FRACTION * r))
+    return topk.block_size(bound, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# The full decomposition: the Gram matrix's eigenproblem
 # ---------------------------------------------------------------------------------------------
 
 
 def _solver_device(device: torch.device) -> torch.device:
-    # MPS has no float64; the Gram matrix is small, so its eigenproblem moves to the CPU.
+    # MPS has no dense eigensolver; the small Gram matrix's eigenproblem runs on the CPU (in float32).
     return torch.device("cpu") if device.type == "mps" else device
 
 
@@ -295,35 +369,29 @@ def _gram_float64(rows: Tensor) -> Tensor:
     return upper + torch.triu(gram, 1).mT
 
 
-def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool, Tensor]:
+def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, bool, Tensor]:
     """Singular values and one side's singular vectors of x [n, T, C] (float32 or float64).
 
-    Returns (s [n, r] float64 descending, basis [n, m, r] float64, tall, finite [n] bool): for
-    tall (T >= C) the basis is V (right vectors, m = C), otherwise U (left vectors, m = T).
-    A matrix with a NaN or inf entry has a non-finite Gram diagonal; it is marked not finite
-    and decomposed as zero (checking the small Gram costs less than scanning x).
+    Returns (s [n, r] descending, basis [n, m, r], tall, finite [n] bool): for tall (T >= C) the basis is V
+    (right vectors, m = C), otherwise U (left vectors, m = T). A matrix with a NaN or inf entry has a non-finite
+    Gram diagonal; it is marked not finite and decomposed as zero (checking the small Gram costs less than
+    scanning x).
 
-    Gram and eigenproblem are both float64. Products of float32 numbers are exact in float64,
-    so the only error left is the solver's ~1e-16 ||G||: singular values are resolved down to
-    ~1e-8 s_max. A float32 Gram carries ~1e-7 ||G||, which corrupts every singular value below
-    ~3e-4 s_max and the directions of close neighbours -- the small values the log
-    reweightings lift, and the noise bulk a truncation often cuts into. Measured at 4096 x 640
-    against a float64 SVD: a float32 eigenproblem errs by up to 1e-2 (log reweighting) and
-    2e-3..5e-3 (quantile 0.05 cutting into the bulk of a few-spikes-plus-noise matrix), so even
-    pure truncation stays in float64; float64 errs by <= 3e-5 and ~3e-7 respectively. The
-    float64 Gram and eigenproblem cost ~1.4x their float32 versions.
+    With float64 (allow_float64), Gram and eigenproblem are both float64: products of float32 numbers are exact
+    there, so the only error left is the solver's ~1e-16 ||G||, and singular values are resolved down to
+    ~1e-8 s_max -- what the reweightings need, since they lift small values. Without float64 (MPS) squaring
+    in float32 would lose every value below ~3e-4 s_max, so that path takes a Householder QR of x and the SVD
+    of its small triangle instead (_qr_svd): rounding at the level of x, as in a float32 SVD.
     """
     tall = x.shape[-2] >= x.shape[-1]
     solver = _solver_device(x.device)
+    rows = x if tall else x.mT
+    if not allow_float64 and x.dtype != torch.float64:
+        return _qr_svd(rows, solver, tall)
+    gram = _gram_float64(rows).to(solver)
     gram_eps = torch.finfo(torch.float64).eps
-    if solver != x.device:
-        # MPS has no float64: Gram in float32 on the device, eigenproblem on the CPU.
-        gram = (x.mT @ x if tall else x @ x.mT).to(solver, torch.float64)
-        gram_eps = torch.finfo(torch.float32).eps
-    else:
-        gram = _gram_float64(x if tall else x.mT)
     finite = torch.isfinite(gram).flatten(1).all(1)
-    # Unconditional (no host sync): the Gram is small, and the caller checks `finite` once.
+    # Unconditional (no host sync): the Gram is small.
     gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.flip(-1)  # eigh sorts ascending
@@ -331,24 +399,36 @@ def _gram_eigen(x: Tensor) -> tuple[Tensor, Tensor, bool, Tensor]:
     # lambda_max (measured). Call everything up to max(T, C) eps lambda_max an exact zero: else
     # a reweighting's rescale (up to e^10 for exp) would lift the noise of a rank-deficient
     # matrix into visible directions. In singular values the floor is ~1e-6 s_max at SDXL
-    # sizes, below the resolution of a float32 input anyway.
+    # sizes in float64, below the resolution of a float32 input anyway.
     floor = max(x.shape[-2], x.shape[-1]) * gram_eps * eigenvalues[..., :1]
     eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
     s = eigenvalues.sqrt()
     basis = eigenvectors.flip(-1)
-    return s, basis, tall, finite
+    return s.to(x.device), basis.to(x.device), tall, finite.to(x.device)
 
 
-def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool) -> Tensor:
+def _qr_svd(rows: Tensor, solver: torch.device, tall: bool) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """The float32-only full decomposition of rows [n, L, m] (L >= m): R of a QR, then the SVD of R [m, m].
+    Backward stable at the level of x (u ||x||), where a float32 Gram would be at u ||x||^2."""
+    device = rows.device
+    norm = torch.linalg.vector_norm(rows, dim=(-2, -1))
+    finite = torch.isfinite(norm)
+    clean = torch.where(finite[:, None, None], rows, torch.zeros_like(rows)).to(solver)
+    triangle = torch.linalg.qr(clean, mode="r").R
+    _, s, vh = torch.linalg.svd(triangle)
+    # Zero directions come out as rounding noise near sqrt(L) u s_max; L u s_max calls them zero.
+    floor = rows.shape[-2] * torch.finfo(rows.dtype).eps * s[..., :1]
+    s = torch.where(s > floor, s, torch.zeros_like(s))
+    return s.to(device), vh.mT.to(device), tall, finite
+
+
+def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, width: int) -> Tensor:
     """x V diag(factor) V^T (tall) or U diag(factor) U^T x (wide), in x's dtype.
 
-    Only the leading columns up to the last non-zero factor take part, so a truncation to k
-    values costs two thin [T, C] x [C, k] products instead of a full [T, C] x [C, C] one.
+    Only the `width` leading columns take part (every later factor is zero, known from the chain), so a
+    truncation to k values costs two thin [T, C] x [C, k] products instead of a full [T, C] x [C, C] one. The
+    width comes from the chain and the shape, never from the values: no host sync.
     """
-    nonzero = (factor != 0).any(0)
-    if not bool(nonzero.any()):
-        return torch.zeros_like(x)
-    width = int(nonzero.nonzero().max()) + 1
     basis = basis[..., :width].to(x.device, x.dtype)
     factor = factor[..., :width].to(x.device, x.dtype)
     size = basis.shape[-2]
@@ -358,6 +438,119 @@ def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool) ->
         return basis @ ((basis.mT @ x) * factor.unsqueeze(-1))
     operator = (basis * factor.unsqueeze(-2)) @ basis.mT
     return x @ operator if tall else operator @ x
+
+
+def _work_copy(x: Tensor) -> Tensor:
+    # Half-precision input is worked on in float32 (METHOD: K and V in float32); float64 input keeps its precision.
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]],
+                 allow_float64: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The full decomposition of every matrix, then each row group's chain: (filtered, before, after).
+
+    chains: (steps, rows) in order, covering work's batch. No host sync.
+    """
+    r = min(work.shape[-2], work.shape[-1])
+    before, basis, tall, finite = _gram_eigen(work, allow_float64)
+    afters, factors = [], []
+    start = 0
+    for steps, rows in chains:
+        after, factor = chain_factors(before[start:start + rows], steps)
+        afters.append(after)
+        factors.append(factor)
+        start += rows
+    after, factor = torch.cat(afters), torch.cat(factors)
+    width = max(prefix_width(steps, r) for steps, _ in chains)
+    filtered = _rebuild_from_basis(work, basis, factor, tall, width)
+    # Nothing changed (fixed N >= r, energy 1.0): the input as it was, not a rounding-perturbed rebuild. A
+    # non-finite matrix has no spectrum: it passes through untouched (values reported as NaN) instead of
+    # poisoning the batch.
+    unchanged = (factor == 1).all(-1)
+    filtered = torch.where((unchanged | ~finite)[:, None, None], original.to(filtered.dtype), filtered)
+    nan = torch.full_like(before, float("nan"))
+    before = torch.where(finite[:, None], before, nan)
+    after = torch.where(finite[:, None], after, nan)
+    return filtered, before, after
+
+
+# ---------------------------------------------------------------------------------------------
+# The iterative route for truncation chains that keep few values
+# ---------------------------------------------------------------------------------------------
+
+
+def _truncation_counts(values: Tensor, total: Tensor, steps: tuple[Step, ...], r: int) -> tuple[Tensor, Tensor]:
+    """How many leading values a pure truncation chain keeps, from the top-p values [n, p] and the total energy
+    ||X||_F^2 [n] (float64): (count [n], determined [n] bool). An energy step is determined when its threshold
+    is met inside the block; otherwise (or for a count beyond the block) the full decomposition must decide."""
+    count_rows, block = values.shape
+    prefix = values.to(total.dtype).square().cumsum(-1)
+    position = torch.arange(1, block + 1, device=values.device)
+    count = torch.full((count_rows,), r, dtype=torch.long, device=values.device)
+    determined = torch.ones(count_rows, dtype=torch.bool, device=values.device)
+    for step in steps:
+        static = _static_count(step, r)
+        if static is not None:
+            count = count.clamp_max(static)
+            continue
+        if step.value >= 1.0:
+            continue  # energy 1 keeps everything kept so far
+        inside = count <= block
+        kept = torch.where(count >= r, total, prefix.gather(-1, (count.clamp(1, block) - 1)[:, None])[:, 0])
+        determined &= inside | (count >= r)
+        fraction = prefix / kept.clamp_min(torch.finfo(total.dtype).tiny)[:, None]
+        reached = (fraction >= step.value - ENERGY_TOL) & (position <= count[:, None])
+        found = reached.any(-1)
+        first = reached.int().argmax(-1) + 1
+        # An all-zero matrix never reaches q and keeps everything: it stays zero, whatever the block holds.
+        zero = kept == 0
+        determined &= found | zero
+        count = torch.where(found, torch.minimum(count, first), count)
+    zero = total == 0
+    determined &= (count <= block) | zero
+    return count.clamp_max(block), determined
+
+
+@dataclass(frozen=True)
+class TopkResult:
+    filtered: Tensor  # [n, T, C], x's working dtype
+    basis: Tensor  # [n, m, p] right vectors of the short side, for the next step's warm start
+    converged: Tensor  # [n] bool: the residual check passed and the kept count was determined
+
+
+def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]], block: int,
+                 start: Tensor | None, allow_float64: bool) -> TopkResult:
+    """Pure truncation chains by the iterative solver: X V_k V_k^T from the certified top-k pairs. No host sync."""
+    tall = work.shape[-2] >= work.shape[-1]
+    r = min(work.shape[-2], work.shape[-1])
+    total = torch.linalg.vector_norm(work, dim=(-2, -1), dtype=torch.float64 if allow_float64 else work.dtype)
+    total = total.square()
+    finite = torch.isfinite(total)
+    clean = torch.where(finite[:, None, None], work, torch.zeros_like(work))
+    rows = clean if tall else clean.mT
+    top = topk.top_singular(rows, block, start=start, allow_float64=allow_float64)
+    counts, determined = [], []
+    offset = 0
+    for steps, size in chains:
+        count, known = _truncation_counts(top.values[offset:offset + size], total[offset:offset + size], steps, r)
+        counts.append(count)
+        determined.append(known)
+        offset += size
+    count, known = torch.cat(counts), torch.cat(determined)
+    kept = torch.arange(block, device=work.device) < count[:, None]
+    certified = ((top.residual <= top.tolerance[:, None]) | ~kept).all(-1)
+    mask = kept.to(work.dtype)
+    rebuilt = (top.projected * mask.unsqueeze(-2)) @ top.right.mT
+    filtered = rebuilt if tall else rebuilt.mT
+    filtered = torch.where(finite[:, None, None], filtered, original.to(filtered.dtype))
+    # A non-finite matrix passes through untouched, which is the definition's answer too: converged.
+    converged = (known & certified) | ~finite
+    return TopkResult(filtered=filtered, basis=top.right, converged=converged)
+
+
+# ---------------------------------------------------------------------------------------------
+# The value object
+# ---------------------------------------------------------------------------------------------
 
 
 def _lowrank_columns(steps: tuple[Step, ...], r: int) -> int:
@@ -373,6 +566,13 @@ def _lowrank_columns(steps: tuple[Step, ...], r: int) -> int:
     return min(r, bound + LOWRANK_OVERSAMPLING)
 
 
+def _check_matrices(x: Tensor) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"Spectrum expects matrices shaped [n, T, C], got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise TypeError(f"Spectrum expects a floating-point tensor, got {x.dtype}.")
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """An immutable chain of spectral filter steps (the SPECTRUM value of the nodes).
@@ -380,14 +580,18 @@ class Spectrum:
     Calling it on float matrices x [n, T, C] filters each x[i] independently and returns the
     same shape and dtype. The empty chain is the identity and returns x itself at no cost.
 
-    method "exact" (default) decomposes through the Gram matrix's eigenproblem in float64 and
-    rebuilds in float32 (float64 for float64 input): <= ~3e-5 relative error against a float64
-    SVD on realistic spectra (the rebuild's float32 rounding, amplified by how much the chain
-    lifts small values relative to s_max, dominates).
+    method "exact" (default): the result agrees with the definition applied to a float64 SVD of the same input
+    within the bound of docs/precision.md. Pure truncation chains that keep few values use a certified
+    iterative top-k solver (attention/topk.py) and fall back to the full decomposition for any matrix whose
+    residual check fails; everything else decomposes through the Gram matrix's eigenproblem, in float64 where
+    the device has it. Half-precision input is computed in float32.
     method "lowrank" is an explicit approximation: torch.svd_lowrank with q = (what the chain's
     fixed/quantile steps keep) + LOWRANK_OVERSAMPLING columns and LOWRANK_NITER power
     iterations; the chain then runs on those q values, as if the matrix were its rank-q
     approximation (energy fractions and reweighting norms are relative to that).
+
+    allow_float64 (call argument): None uses float64 where the device has it (not on MPS); False forces the
+    float32-only path, as on such a device.
     """
 
     steps: tuple[Step, ...] = ()
@@ -414,71 +618,188 @@ class Spectrum:
         text = " -> ".join(step.label for step in self.steps) if self.steps else "identity"
         return text if self.method == "exact" else f"{text} [{self.method}]"
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def uses_topk(self, tokens: int, channels: int) -> bool:
+        """Whether matrices of this shape go through the iterative top-k solver."""
+        return self.method == "exact" and topk_block(self.steps, min(tokens, channels)) is not None
+
+    def __call__(self, x: Tensor, allow_float64: bool | None = None) -> Tensor:
         if self.is_identity:
             return x
-        return self._filter(x)[0]
+        _check_matrices(x)
+        if x.numel() == 0:
+            return x.clone()
+        r = min(x.shape[-2], x.shape[-1])
+        if self.method == "exact" and keeps_everything(self.steps, r):
+            return x  # fixed N >= r, quantile 1, energy 1: nothing to remove
+        if self.method == "lowrank":
+            return self._filter_lowrank(x)[0]
+        return filter_groups([(self, x)], allow_float64=allow_float64)[0]
 
-    def filter_with_values(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def filter_with_values(self, x: Tensor, allow_float64: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(filtered x, singular values before [n, r], after [n, r]); values in float32,
-        descending by the 'before' values, for plotting what the chain did."""
-        return self._filter(x)
-
-    def _filter(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if x.ndim != 3:
-            raise ValueError(f"Spectrum expects matrices shaped [n, T, C], got shape {tuple(x.shape)}.")
-        if not x.is_floating_point():
-            raise TypeError(f"Spectrum expects a floating-point tensor, got {x.dtype}.")
+        descending by the 'before' values, for plotting what the chain did (always the full decomposition)."""
+        _check_matrices(x)
         n, tokens, channels = x.shape
         r = min(tokens, channels)
         if x.numel() == 0:
             empty = torch.zeros(n, r, dtype=torch.float32, device=x.device)
             return x.clone(), empty, empty.clone()
-        # Half-precision input is worked on in float32 (docs/method.md section 3: K and V in float32); float64
-        # input keeps its precision.
-        work = x if x.dtype == torch.float64 else x.float()
-        # A non-finite matrix has no spectrum: it passes through untouched (values reported as
-        # NaN) instead of poisoning the solver and, with it, the rest of the batch.
         if self.method == "lowrank":
-            finite = torch.isfinite(work).flatten(1).all(1)
-            clean = torch.where(finite[:, None, None], work, torch.zeros_like(work))
-            filtered, before, after = self._filter_lowrank(clean, r)
+            filtered, before, after = self._filter_lowrank(x)
         else:
-            before, basis, tall, finite = _gram_eigen(work)
-            after, factor = chain_factors(before, self.steps)
-            unchanged = (factor == 1).all(-1)
-            if bool(unchanged.all()):
-                # Nothing to do (identity chain, fixed N >= r, energy 1.0): return the input
-                # as it was rather than a rounding-perturbed rebuild.
-                filtered = work
-            else:
-                filtered = _rebuild_from_basis(work, basis, factor, tall)
-                if bool(unchanged.any()):
-                    filtered = torch.where(unchanged.to(x.device)[:, None, None], work, filtered)
+            float64 = device_has_float64(x.device) if allow_float64 is None else allow_float64
+            filtered, before, after = _filter_full(_work_copy(x), x, [(self.steps, n)], float64)
+        return filtered.to(x.dtype), before.to(x.device, torch.float32), after.to(x.device, torch.float32)
 
-        if not bool(finite.all()):
-            keep = ~finite.to(x.device)
-            filtered = torch.where(keep[:, None, None], x.to(filtered.dtype), filtered)
-            nan = torch.full_like(before, float("nan"))
-            before = torch.where(keep[:, None].to(before.device), nan, before)
-            after = torch.where(keep[:, None].to(after.device), nan, after)
-        return (
-            filtered.to(x.dtype),
-            before.to(x.device, torch.float32),
-            after.to(x.device, torch.float32),
-        )
-
-    def _filter_lowrank(self, work: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _filter_lowrank(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        work = _work_copy(x)
+        r = min(x.shape[-2], x.shape[-1])
+        finite = torch.isfinite(work).flatten(1).all(1)
+        clean = torch.where(finite[:, None, None], work, torch.zeros_like(work))
         columns = _lowrank_columns(self.steps, r)
         # A fixed seed in a forked RNG: the randomized range finder must neither make sampling
         # irreproducible nor consume the caller's random stream.
-        devices = [work.device] if work.device.type != "cpu" else []
-        with torch.random.fork_rng(devices=devices, device_type=work.device.type):
+        devices = [clean.device] if clean.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=clean.device.type):
             torch.manual_seed(0)
-            u, s, v = torch.svd_lowrank(work, q=columns, niter=LOWRANK_NITER)
+            u, s, v = torch.svd_lowrank(clean, q=columns, niter=LOWRANK_NITER)
         s = s.double()
-        padded = torch.zeros(work.shape[0], r, dtype=torch.float64, device=work.device)
+        padded = torch.zeros(clean.shape[0], r, dtype=torch.float64, device=clean.device)
         padded[:, :columns] = s
         after = apply_chain_values(padded, self.steps)
         rebuilt = (u * after[:, :columns].to(u.dtype).unsqueeze(-2)) @ v.mT
-        return rebuilt, padded, after
+        keep = ~finite
+        filtered = torch.where(keep[:, None, None], x.to(rebuilt.dtype), rebuilt)
+        nan = torch.full_like(padded, float("nan"))
+        before = torch.where(keep[:, None], nan, padded)
+        after = torch.where(keep[:, None], nan, after)
+        return filtered.to(x.dtype), before, after
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched filtering of several matrix groups (all anchors, chunks, K and V of one layer call)
+# ---------------------------------------------------------------------------------------------
+
+
+class SolverState:
+    """Per-run scratch of the spectrum solver (lives on the sampling run, dropped when it ends).
+
+    bases: the last right basis per slot (a layer call's identity: layer, chunk layout), for warm starts.
+    pending: convergence flags of this model call's iterative solves, settled once per model call.
+    full_slots: slots whose matrices did not converge once in this run; they use the full decomposition.
+    """
+
+    def __init__(self) -> None:
+        self.bases: dict[object, Tensor] = {}
+        self.pending: list[tuple[object, Tensor]] = []
+        self.full_slots: set[object] = set()
+
+    def settle(self) -> list[object]:
+        """The slots of this model call whose iterative solve did not converge (one host read for all of them);
+        they switch to the full decomposition for the rest of the run and their bases are dropped."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        flags = torch.stack([flag.all() for _, flag in pending]).tolist()
+        failed = [slot for (slot, _), ok in zip(pending, flags, strict=True) if not ok]
+        for slot in failed:
+            self.full_slots.add(slot)
+            self.bases.pop(slot, None)
+        return failed
+
+    def clear(self) -> None:
+        self.bases.clear()
+        self.pending.clear()
+        self.full_slots.clear()
+
+
+def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverState | None = None,
+                  slot: object = None, allow_float64: bool | None = None) -> list[Tensor]:
+    """Filter several [n_i, T, C] groups, each with its own chain (None = unchanged), in as few batched
+    decompositions as their routes allow: one for all iterative-route groups, one for all full-route groups.
+
+    Without `state` the call is complete: matrices whose iterative solve fails its residual check are redone by
+    the full decomposition right here (this reads the flags on the host). With `state` (inside sampling) nothing
+    is read on the host: the flags go to state.pending and the caller settles them once per model call, redoing
+    the call if any failed; the right bases are kept for the next step's warm start under `slot`.
+    """
+    results: list[Tensor | None] = [None] * len(groups)
+    routes: dict[str, list[int]] = {"topk": [], "full": []}
+    blocks = []
+    for index, (spectrum, x) in enumerate(groups):
+        if spectrum is None or spectrum.is_identity:
+            results[index] = x
+            continue
+        _check_matrices(x)
+        r = min(x.shape[-2], x.shape[-1])
+        if x.numel() == 0:
+            results[index] = x.clone()
+        elif spectrum.method == "lowrank":
+            results[index] = spectrum._filter_lowrank(x)[0]
+        elif keeps_everything(spectrum.steps, r):
+            results[index] = x
+        else:
+            block = topk_block(spectrum.steps, r)
+            if block is None or (state is not None and slot in state.full_slots):
+                routes["full"].append(index)
+            else:
+                routes["topk"].append(index)
+                blocks.append(block)
+    shapes = {groups[i][1].shape[1:] for i in routes["topk"] + routes["full"]}
+    dtypes = {groups[i][1].dtype for i in routes["topk"] + routes["full"]}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        # Different shapes or dtypes cannot share one batch: each group alone (still no host sync).
+        for index in routes["topk"] + routes["full"]:
+            results[index] = filter_groups([groups[index]], state, (slot, index), allow_float64)[0]
+        return results
+    for route, members in routes.items():
+        if not members:
+            continue
+        stacked = torch.cat([groups[i][1] for i in members]) if len(members) > 1 else groups[members[0]][1]
+        chains = [(groups[i][0].steps, groups[i][1].shape[0]) for i in members]
+        float64 = device_has_float64(stacked.device) if allow_float64 is None else allow_float64
+        work = _work_copy(stacked)
+        if route == "full":
+            filtered = _filter_full(work, stacked, chains, float64)[0]
+        else:
+            block = max(blocks)
+            start = None
+            if state is not None:
+                previous = state.bases.get(slot)
+                if previous is not None and previous.shape == (work.shape[0], r_side(work), block):
+                    start = previous
+            result = _filter_topk(work, stacked, chains, block, start, float64)
+            filtered = result.filtered
+            if state is not None:
+                state.bases[slot] = result.basis.detach()
+                state.pending.append((slot, result.converged))
+            else:
+                redo = ~result.converged
+                if bool(redo.any()):
+                    # Not certified: the full decomposition decides for those matrices (never a silent approximation).
+                    full = _filter_full(work[redo], stacked[redo], _rows_of(chains, redo), float64)[0]
+                    filtered = filtered.clone()
+                    filtered[redo] = full
+        offset = 0
+        for i in members:
+            rows = groups[i][1].shape[0]
+            results[i] = filtered[offset:offset + rows].to(groups[i][1].dtype)
+            offset += rows
+    return results
+
+
+def r_side(x: Tensor) -> int:
+    """The short side of matrices [n, T, C]: the length of the right basis the solver keeps."""
+    return min(x.shape[-2], x.shape[-1])
+
+
+def _rows_of(chains: list[tuple[tuple[Step, ...], int]], selected: Tensor) -> list[tuple[tuple[Step, ...], int]]:
+    """The chains of the selected rows (host-side; only used on the synchronous fallback)."""
+    picked = selected.tolist()
+    out, offset = [], 0
+    for steps, rows in chains:
+        count = sum(picked[offset:offset + rows])
+        if count:
+            out.append((steps, count))
+        offset += rows
+    return out

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import comfy.ldm.modules.attention as comfy_attention
+from comfy.patcher_extension import WrappersMP
 
 from ..attention.schedule import SigmaWindow
 from ..attention.sharing import shared_attention
+from ..attention.spectrum import SolverState, filter_groups
 from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
-from .sampling_run import call_of, track_sampling_runs
+from .sampling_run import call_of, run_of, track_sampling_runs
 from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
 from .story_runs import track_story_runs
 from .subject_masks import install_subject_masks, subject_anchor_keep
@@ -21,6 +23,10 @@ if TYPE_CHECKING:
     from .story import Story
 
 PLAN_KEY = "spectral_anchors.sharing_plan"
+# The spectrum solver's per-run state (warm-start bases, convergence flags) in the SamplingRun's scratch, and the
+# APPLY_MODEL wrapper that settles the flags once per model call.
+SOLVER_KEY = "spectral_anchors.spectrum_solver"
+_SETTLE_WRAPPER_KEY = "spectral_anchors.spectrum_settle"
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ def apply_sharing(model_patcher, plan: SharingPlan):
         install_subject_masks(patched, plan.story, plan.mask_dropout, plan.mask_seed)
     if plan.query_blend:
         install_query_blending(patched, window, plan.query_blend_weights)
+    if _filter_of(plan.key_spectrum) is not None or _filter_of(plan.value_spectrum) is not None:
+        patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, _SETTLE_WRAPPER_KEY)
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, _SETTLE_WRAPPER_KEY, _settle_spectra)
     recorder = SpectrumRecorder(layers)
     patched.set_attachments(RECORDER_KEY, recorder)
     for index, key in enumerate(layers):
@@ -107,15 +116,19 @@ def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, l
                 record_queries(extra_options, layer, q)
                 return attend(q, k, v)  # the plain forward of query blending
             q = blended_queries(extra_options, layer, q)
-        keys_filter, values_filter = key_filter, value_filter
+        keys_filter, values_filter, pair_filter = key_filter, value_filter, None
+        cond_or_uncond = extra_options["cond_or_uncond"]
         if recorder.wants(layer_index):
-            cond_or_uncond = extra_options["cond_or_uncond"]
             keys_filter = recorder.recording_filter(key_filter, "K", layer_index, call, cond_or_uncond)
             values_filter = recorder.recording_filter(value_filter, "V", layer_index, call, cond_or_uncond)
+        elif key_filter is not None or value_filter is not None:
+            slot = (layer_index, tuple(cond_or_uncond))
+            pair_filter = _pair_filter(key_filter, value_filter, _solver_state(call), slot)
         anchor_keep = subject_anchor_keep(plan.anchor_count, q, extra_options) if plan.subject_masks else None
-        return shared_attention(q, k, v, chunk_count=len(extra_options["cond_or_uncond"]),
+        return shared_attention(q, k, v, chunk_count=len(cond_or_uncond),
                                 anchor_count=plan.anchor_count, attend=attend,
-                                key_filter=keys_filter, value_filter=values_filter, anchor_keep=anchor_keep)
+                                key_filter=keys_filter, value_filter=values_filter, anchor_keep=anchor_keep,
+                                pair_filter=pair_filter)
 
     shared_self_attention.layer = layer  # lets tests and tools see which layer a patch serves
     return shared_self_attention
@@ -125,3 +138,48 @@ def _filter_of(spectrum):
     if spectrum is None or getattr(spectrum, "is_identity", False):
         return None
     return spectrum
+
+
+def _solver_state(call) -> SolverState | None:
+    """The run's solver state; None outside a sampling run (each filter call then checks itself)."""
+    if call is None or call.run is None:
+        return None
+    return call.run.scratch.setdefault(SOLVER_KEY, SolverState())
+
+
+def _pair_filter(key_filter, value_filter, state: SolverState | None, slot):
+    """K and V of all anchors and chunks of one layer call, filtered in as few batched decompositions as their
+    chains allow, with no host sync; convergence is settled by _settle_spectra once per model call."""
+
+    def filter_both(keys, values):
+        return tuple(filter_groups([(key_filter, keys), (value_filter, values)], state=state, slot=slot))
+
+    return filter_both
+
+
+def _fresh_control(control):
+    # The UNet pops ControlNet residuals off these lists as it applies them: each run gets its own lists.
+    if isinstance(control, dict):
+        return {name: list(value) if isinstance(value, list) else value for name, value in control.items()}
+    return control
+
+
+def _settle_spectra(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+    """Run the model call, then read every iterative solve's convergence flag once (one host sync per call).
+    A layer whose solve did not converge switches to the full decomposition for the rest of the run and the
+    call is redone, so no uncertified result ever reaches the sampler."""
+    run = run_of(transformer_options or {})
+    state = run.scratch.get(SOLVER_KEY) if run is not None else None
+    if state is not None:
+        state.pending.clear()
+    out = executor(x, t, c_concat, c_crossattn, _fresh_control(control), transformer_options, **kwargs)
+    state = run.scratch.get(SOLVER_KEY) if run is not None else None
+    while state is not None:
+        failed = state.settle()
+        if not failed:
+            break
+        logging.info("SpectralAnchorAttention: %d spectrum solve(s) did not converge; redoing the model call "
+                     "with the full decomposition on those layers.", len(failed))
+        out = executor(x, t, c_concat, c_crossattn, _fresh_control(control), transformer_options, **kwargs)
+    return out

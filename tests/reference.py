@@ -8,8 +8,12 @@ from __future__ import annotations
 import torch
 
 
-def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, key_filter=None, value_filter=None):
-    """docs/method.md section 1: image i attends to [K_i ; K_a for every anchor a != i] within its own chunk."""
+def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, key_filter=None, value_filter=None,
+                               anchor_keep=None):
+    """docs/method.md section 1: image i attends to [K_i ; K_a for every anchor a != i] within its own chunk.
+
+    anchor_keep: per anchor, the token indices it contributes to other images (subject masks); its own stay whole.
+    """
     chunks = len(cond_or_uncond)
     per_chunk = q.shape[0] // chunks
     anchors = min(anchor_count, per_chunk)
@@ -22,8 +26,12 @@ def reference_shared_attention(q, k, v, cond_or_uncond, anchor_count, attend, ke
             keys, values = [k_rows[i]], [v_rows[i]]
             for a in range(anchors):
                 if a != i:
-                    keys.append(key_filter(k_rows[a]) if key_filter else k_rows[a])
-                    values.append(value_filter(v_rows[a]) if value_filter else v_rows[a])
+                    shared_k = key_filter(k_rows[a]) if key_filter else k_rows[a]
+                    shared_v = value_filter(v_rows[a]) if value_filter else v_rows[a]
+                    if anchor_keep is not None:
+                        shared_k, shared_v = shared_k[:, anchor_keep[a]], shared_v[:, anchor_keep[a]]
+                    keys.append(shared_k)
+                    values.append(shared_v)
             outputs.append(attend(q[row:row + 1], torch.cat(keys, dim=1), torch.cat(values, dim=1)))
     return torch.cat(outputs)
 

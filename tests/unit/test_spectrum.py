@@ -225,7 +225,9 @@ def test_truncated_values_never_come_back(values, steps):
 @pytest.mark.parametrize(
     "q, r, kept",
     [(0.05, 100, 5), (0.07, 100, 7), (0.1, 30, 3), (0.29, 100, 29), (0.05, 640, 32), (0.01, 10, 1),
-     (1e-9, 1280, 1), (1.0, 640, 640), (0.999, 1000, 999), (0.5, 1, 1)],
+     (1e-9, 1280, 1), (1.0, 640, 640), (0.999, 1000, 999), (0.5, 1, 1),
+     # fractional q r: the ceiling, never the floor or the rounding
+     (0.25, 10, 3), (0.05, 50, 3), (0.3, 7, 3), (0.15, 10, 2), (0.05, 1280, 64), (0.05, 1000, 50)],
 )
 def test_quantile_keep_count_is_the_exact_ceiling(q, r, kept):
     assert quantile_keep_count(q, r) == kept
@@ -337,9 +339,11 @@ def test_filtered_singular_values_follow_the_definition(tokens, channels, data, 
 
 
 def reference_filter(x: torch.Tensor, steps) -> torch.Tensor:
-    """The method by its definition: float64 thin SVD, change s, rebuild."""
+    """The method by its definition: float64 thin SVD, the oracle's chain on its values (plain Python, independent
+    of the implementation's chain code), rebuild."""
     u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return (u * apply_chain_values(s, tuple(steps)).unsqueeze(-2)) @ vh
+    values = torch.tensor([oracle_chain(row, tuple(steps)) for row in s.tolist()], dtype=torch.float64)
+    return (u * values.reshape(s.shape).unsqueeze(-2)) @ vh
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -498,7 +502,8 @@ def test_exact_at_sdxl_sizes(tokens, channels):
     u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
     for steps in ([Truncate("quantile", 0.05)], [Reweight("log_squared"), Truncate("energy", 0.95)],
                   [Reweight("log")], [Reweight("exp", 3.0)], [Truncate("fixed", 64), Reweight("log_squared")]):
-        reference = (u * apply_chain_values(s, tuple(steps)).unsqueeze(-2)) @ vh
+        values = torch.tensor([oracle_chain(row, tuple(steps)) for row in s.tolist()], dtype=torch.float64)
+        reference = (u * values.unsqueeze(-2)) @ vh
         # The product target: 1e-4 relative (Frobenius). Measured: <= ~1e-5.
         assert relative_error(Spectrum(tuple(steps))(x), reference) < 1e-4, steps
 
