@@ -90,3 +90,76 @@ def test_controlnet_with_zero_blending_weight_equals_blending_off_bit_for_bit(sd
     assert torch.equal(zero, off)
     plain_prompts = prompts()
     assert clearly_differs(off, sample(share(sdxl), *plain_prompts, latent(), **run))  # the ControlNet acts
+
+
+# Other nodes' self-attention replacements: core PAG (2-part key, its own pass), core SAG (3-part key) ------------------
+
+
+def share_node(model, layers="all", **options):
+    return SpectralAnchorAttention.execute(model, 2, layers, 0.01, 1.0, **options).result[0]
+
+
+class SelfAttentionCalls:
+    """optimized_attention_override: which chunks (cond_or_uncond) each middle-block self-attention call served."""
+
+    def __init__(self, context_tokens=77):
+        self.context_tokens = context_tokens
+        self.middle_chunks = []
+
+    def __call__(self, func, q, k, v, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        block = options.get("block")
+        if block is not None and block[0] == "middle" and k.shape[1] != self.context_tokens:
+            self.middle_chunks.append(tuple(options.get("cond_or_uncond", ())))
+        return func(q, k, v, *args, **kwargs)
+
+
+def test_pag_after_sharing_every_layer_perturbs_its_own_pass(sdxl):
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    positive, negative = prompts()
+    shared = share_node(sdxl, layers="all")
+    with_pag = PerturbedAttentionGuidance.execute(shared, 3.0).result[0]
+    calls = SelfAttentionCalls()
+    with_pag.model_options["transformer_options"]["optimized_attention_override"] = calls
+    base = sample(shared, positive, negative, latent(), steps=4)
+    guided = sample(with_pag, positive, negative, latent(), steps=4)
+    assert clearly_differs(guided, base, 1e-2)
+    # The CFG pass (both chunks) runs the middle block's self-attention; PAG's own pass (the cond chunk alone)
+    # replaces it with its perturbed attention, which calls no attention at all.
+    assert (1, 0) in calls.middle_chunks or (0, 1) in calls.middle_chunks
+    assert (0,) not in calls.middle_chunks
+
+
+def test_sag_before_or_after_sharing_every_layer_keeps_its_layer(sdxl, caplog):
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+    positive, negative = prompts()
+    sag_after = SelfAttentionGuidance.execute(share_node(sdxl, layers="all"), 0.5, 2.0).result[0]
+    with caplog.at_level(logging.WARNING):
+        sag_before = share_node(SelfAttentionGuidance.execute(sdxl, 0.5, 2.0).result[0], layers="all")
+    warnings = [record for record in caplog.records if "already replaces self-attention" in record.getMessage()]
+    assert len(warnings) == 1 and "('middle', 0, 0)" in warnings[0].getMessage()
+    after = sample(sag_after, positive, negative, latent(), steps=4)
+    assert torch.equal(sample(sag_before, positive, negative, latent(), steps=4), after)
+    assert clearly_differs(after, sample(share_node(sdxl, layers="all"), positive, negative, latent(), steps=4), 1e-2)
+
+
+def test_a_two_part_replacement_already_on_the_model_keeps_its_block(sdxl, caplog):
+    calls = []
+
+    def other_nodes_attention(q, k, v, extra_options):
+        calls.append(extra_options["block_index"])
+        return v
+
+    other = sdxl.clone()
+    other.set_model_attn1_replace(other_nodes_attention, "output", 3)  # a 2-part key, as PAG uses
+    with caplog.at_level(logging.WARNING):
+        patched = share_node(other, layers="decoder")
+    warnings = [record for record in caplog.records if "already replaces self-attention" in record.getMessage()]
+    assert len(warnings) == 1 and "('output', 3, 0)" in warnings[0].getMessage()
+    positive, negative = prompts()
+    sample(patched, positive, negative, latent(), steps=2)
+    assert calls  # its replacement still runs on its block
+    replacements = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
+    assert replacements[("output", 3)] is other_nodes_attention
