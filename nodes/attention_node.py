@@ -18,6 +18,15 @@ from .unet_layers import LAYER_CHOICES, UnsupportedModelError
 DEFAULT_START_PERCENT = 0.01
 MAX_ANCHORS = 64
 NODE_NAME = "Spectral Anchor Attention"
+# validate_inputs receives a linked input as None and an unconnected optional input not at all: this default
+# tells the two apart.
+_NOT_CONNECTED = object()
+
+
+def _missing_story_message() -> str:
+    return (f"{NODE_NAME}, input 'story': subject_masks is on but no story is connected. Connect the story output "
+            "of a Spectral Story Prompts node (and feed the sampler its positive conditioning and latent), or turn "
+            "subject_masks off.")
 
 
 class SpectralAnchorAttention(io.ComfyNode):
@@ -85,14 +94,19 @@ class SpectralAnchorAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, subject_masks: bool | None = None, story=_NOT_CONNECTED) -> bool | str:
+        # Queue time: only what is known before anything runs. A linked subject_masks is checked by execute.
+        if subject_masks is True and story is _NOT_CONNECTED:
+            return _missing_story_message()
+        return True
+
+    @classmethod
     def execute(cls, model, anchors: int, layers: str, start_percent: float, end_percent: float,
                 key_spectrum=None, value_spectrum=None, story=None, subject_masks: bool = False,
                 mask_dropout: float = 0.5, mask_seed: int = 0, query_blending: bool = False) -> io.NodeOutput:
         if subject_masks:
             if story is None:
-                raise ValueError(f"{NODE_NAME}, input 'story': subject_masks is on but no story is connected. Connect "
-                                 "the story output of a Spectral Story Prompts node (and feed the sampler its "
-                                 "positive conditioning and latent), or turn subject_masks off.")
+                raise ValueError(_missing_story_message())
             story.require_subject_in_every_scene()
         if story is not None and story.is_split and story.anchor_count != anchors:
             raise anchors_mismatch(anchors, story.anchor_count)
