@@ -8,7 +8,7 @@ from . import io_types
 from .io_types import Spectrum
 from .search_aliases import search_aliases
 from .sharing_patch import SharingPlan, apply_sharing
-from .spectrum_plot_node import plot_layers_downstream
+from .spectrum_plot_node import ALL_LAYERS, plot_layers_downstream
 from .spectrum_recording import recorder_of
 from .story_runs import anchors_mismatch
 from .unet_layers import LAYER_CHOICES, UnsupportedModelError
@@ -120,7 +120,11 @@ class SpectralAnchorAttention(io.ComfyNode):
             raise ValueError(f"Spectral Anchor Attention, input 'model': {error}") from None
         recorder = recorder_of(patched)
         if recorder is not None:
+            # Unfiltered K or V is decomposed for recording only on the layers a plot in this prompt asks for.
             for layer in plot_layers_downstream(cls.hidden.prompt if cls.hidden else None,
                                                 cls.hidden.unique_id if cls.hidden else None):
-                recorder.arm(layer)
+                if layer == ALL_LAYERS:
+                    recorder.arm_all()
+                else:
+                    recorder.arm(layer)
         return io.NodeOutput(patched)

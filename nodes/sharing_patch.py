@@ -119,11 +119,10 @@ def _make_block_patch(plan: SharingPlan, window: SigmaWindow, block: tuple[str, 
                 record_queries(extra_options, layer, q)
                 return attend(q, k, v)  # the plain forward of query blending
             q = blended_queries(extra_options, layer, q)
-        keys_filter, values_filter = key_filter, value_filter
-        if recorder.wants(layer_index):
-            cond_or_uncond = extra_options["cond_or_uncond"]
-            keys_filter = recorder.recording_filter(key_filter, "K", layer_index, call, cond_or_uncond)
-            values_filter = recorder.recording_filter(value_filter, "V", layer_index, call, cond_or_uncond)
+        # The recorder keeps what the filters compute anyway; unfiltered kinds only where a plot asked.
+        cond_or_uncond = extra_options["cond_or_uncond"]
+        keys_filter = recorder.recording_filter(key_filter, "K", layer_index, call, cond_or_uncond)
+        values_filter = recorder.recording_filter(value_filter, "V", layer_index, call, cond_or_uncond)
         anchor_keep = subject_anchor_keep(plan.anchor_count, q, extra_options) if plan.subject_masks else None
         return shared_attention(q, k, v, chunk_count=len(extra_options["cond_or_uncond"]),
                                 anchor_count=plan.anchor_count, attend=attend,
