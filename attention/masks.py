@@ -175,10 +175,13 @@ class SubjectMaskHistory:
 
     def record(self, step: int, maps: Tensor, grid: Grid) -> None:
         """Add one layer's subject maps [B, S, N] (N = grid height x width) read during `step`."""
-        if self.source_grid is None:
+        if tuple(grid) != self.source_grid:
+            # First maps, or the coarsest grid changed mid-run (Deep Shrink's window ended): maps of two grids do
+            # not average, so the history starts again on the new grid. Until one of its steps closes, anchors
+            # share all their tokens, as before the first mask.
             self.source_grid = tuple(grid)
-        elif tuple(grid) != self.source_grid:
-            raise ValueError(f"subject maps on a {grid} grid, but the coarsest grid of this run is {self.source_grid}")
+            self._history.clear()
+            self._open_step, self._open_sum, self._open_layers = None, None, 0
         self._close_steps_before(step)
         if self._open_step is None:
             self._open_step, self._open_sum, self._open_layers = step, maps.float().clone(), 1

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 
-import comfy.sd
-import nodes as comfy_nodes
 import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
 from comfy_harness import conditioning, sample, tiny_controlnet, tiny_model
 
+import nodes as comfy_nodes
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.sharing_patch import SharingPlan, apply_sharing
 
@@ -92,7 +91,7 @@ def test_controlnet_with_zero_blending_weight_equals_blending_off_bit_for_bit(sd
     assert clearly_differs(off, sample(share(sdxl), *plain_prompts, latent(), **run))  # the ControlNet acts
 
 
-# Other nodes' self-attention replacements: core PAG (2-part key, its own pass), core SAG (3-part key) ------------------
+# Other nodes' self-attention replacements: core PAG (2-part key, its own pass), core SAG (3-part key) ---------
 
 
 def share_node(model, layers="all", **options):
@@ -163,3 +162,47 @@ def test_a_two_part_replacement_already_on_the_model_keeps_its_block(sdxl, caplo
     assert calls  # its replacement still runs on its block
     replacements = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert replacements[("output", 3)] is other_nodes_attention
+
+
+# Deep Shrink (core PatchModelAddDownscale) ---------------------------------------------------------------------------
+
+DEEP_SHRINK_LATENT = (16, 24)  # coarsest grid 4x6; 2x3 (factor 2) or 3x4 (factor 1.5) inside the shrink window
+
+
+def deep_shrink(model, factor):
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    # Block 3 of the tiny UNet's encoder is its first attention block: everything below it shrinks.
+    return PatchModelAddDownscale.execute(model, 3, factor, 0.0, 0.35, True, "bicubic", "bicubic").result[0]
+
+
+def three_scenes():
+    from spectral_anchors.nodes.story import Story
+
+    return Story(prompts=("a", "b", "c"), subject_tokens=((2,), (5, 6), (7,)), subject_word="fox", width=192,
+                 height=128, same_noise=False)
+
+
+def injection(model, source):
+    from spectral_anchors.nodes.feature_injection import InjectionSettings, apply_feature_injection
+
+    return apply_feature_injection(model, InjectionSettings(source=source, anchor_count=2))
+
+
+@pytest.mark.parametrize("factor", [2.0, 1.5])
+def test_deep_shrink_with_subject_masks_and_feature_injection(sdxl, factor):
+    positive, negative = prompts()
+    run = dict(steps=10)
+    size = DEEP_SHRINK_LATENT
+    masked = dict(subject_masks=True, story=three_scenes(), mask_dropout=0.5)
+    shrunk_sharing = share(deep_shrink(sdxl, factor), **masked)
+    plain_sharing = sample(share(sdxl, **masked), positive, negative, latent(size=size), **run)
+    with_masks = sample(shrunk_sharing, positive, negative, latent(size=size), **run)
+    assert torch.isfinite(with_masks).all() and clearly_differs(with_masks, plain_sharing, 1e-2)
+    # Deep Shrink after the pack's nodes, and injection (both correspondence sources) on top of the masks.
+    for source in ("two-pass", "single-pass"):
+        patched = deep_shrink(injection(share(sdxl, **masked), source), factor)
+        out = sample(patched, positive, negative, latent(size=size), **run)
+        assert torch.isfinite(out).all()
+        assert clearly_differs(out, sample(deep_shrink(share(sdxl, **masked), factor), positive, negative,
+                                           latent(size=size), **run), 1e-4)
