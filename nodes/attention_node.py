@@ -54,11 +54,14 @@ class SpectralAnchorAttention(io.ComfyNode):
                                        "ConsiStory's choice; adding the middle or all layers gives more identity "
                                        "and more background leakage."),
                 io.Float.Input("start_percent", default=DEFAULT_START_PERCENT, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress at which sharing starts. 0.01 keeps the first step plain "
-                                       "so the layout forms freely; 0.0 shares from the very first step."),
+                               tooltip="Where sharing starts, as ComfyUI's percent of the noise schedule (the same "
+                                       "meaning as ControlNet's and Deep Shrink's start_percent: 0 = the largest "
+                                       "noise, 1 = the end). 0.01 keeps the first step plain so the layout forms "
+                                       "freely; 0.0 shares from the very first step."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress at which sharing stops. End at or before start turns "
-                                       "sharing off (the model is then unchanged)."),
+                               tooltip="Where sharing stops, as ComfyUI's percent of the noise schedule (a step "
+                                       "shares while start_percent <= its percent <= end_percent). End at or "
+                                       "before start turns sharing off (the model is then unchanged)."),
                 Spectrum.Input("key_spectrum", optional=True,
                                tooltip="Filter for the anchors' keys as other images see them (SpectralTruncate / "
                                        "SpectralReweight). Keys mostly decide background leakage: keep 1-5 %."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.sd
 import pytest
 import torch
 from comfy.patcher_extension import WrappersMP
@@ -206,3 +207,98 @@ def test_deep_shrink_with_subject_masks_and_feature_injection(sdxl, factor):
         assert torch.isfinite(out).all()
         assert clearly_differs(out, sample(deep_shrink(share(sdxl, **masked), factor), positive, negative,
                                            latent(size=size), **run), 1e-4)
+
+
+# LoRA, FreeU, an attn2 replacement: patches that compose with sharing in either order --------------------------------
+
+
+def tiny_lora(model, rank=4, seed=11):
+    """A LoRA state dict (kohya key names) for the self-attention projections of the tiny UNet's decoder."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = model.model.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for lora_name, weight_key in key_map.items():
+        if not (isinstance(weight_key, str) and lora_name.startswith("lora_unet_output_blocks")
+                and ".attn1.to_" in weight_key):
+            continue
+        out_features, in_features = weights[weight_key].shape
+        lora[f"{lora_name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.2
+        lora[f"{lora_name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.2
+        lora[f"{lora_name}.alpha"] = torch.tensor(float(rank))
+    assert lora, "no decoder self-attention weights found for the LoRA"
+    return lora
+
+
+def with_lora(model, lora):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    return patched
+
+
+def with_freeu(model):
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    return FreeU_V2().patch(model, 1.1, 1.2, 0.6, 0.4)[0]
+
+
+def with_cross_attention_replacement(model, calls):
+    """IPAdapter's mechanism: an attn2 replacement on every cross-attention layer (3-part keys)."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    def extra_image_tokens(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        out = comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        return out + 0.5 * comfy_attention.optimized_attention(q, k.flip(1), v.flip(1), extra_options["n_heads"])
+
+    patched = model.clone()
+    for key in share_layers(model, "all"):
+        patched.set_model_attn2_replace(extra_image_tokens, *key)
+    return patched
+
+
+def share_layers(model, choice):
+    from spectral_anchors.nodes.unet_layers import selected_layers
+
+    return selected_layers(model.model.diffusion_model, choice)
+
+
+@pytest.mark.parametrize("other", ["lora", "freeu", "attn2"])
+def test_patches_compose_with_sharing_in_either_order(sdxl, other):
+    calls = []
+    apply = {
+        "lora": lambda model: with_lora(model, tiny_lora(sdxl)),
+        "freeu": with_freeu,
+        "attn2": lambda model: with_cross_attention_replacement(model, calls),
+    }[other]
+    positive, negative = prompts()
+    run = dict(steps=4)
+    shared_first = sample(apply(share_node(sdxl, layers="all")), positive, negative, latent(), **run)
+    other_first = sample(share_node(apply(sdxl), layers="all"), positive, negative, latent(), **run)
+    assert torch.equal(shared_first, other_first)
+    assert clearly_differs(shared_first, sample(share_node(sdxl, layers="all"), positive, negative, latent(), **run),
+                           1e-2)  # the other node acts
+    assert clearly_differs(shared_first, sample(apply(sdxl), positive, negative, latent(), **run), 1e-2)  # so do we
+    if other == "attn2":
+        assert calls
+
+
+# KSamplerAdvanced's step split ---------------------------------------------------------------------------------------
+
+
+def advanced(model, positive, negative, samples, start, end, add_noise, leftover, steps=10):
+    return comfy_nodes.KSamplerAdvanced().sample(model, add_noise, 5, steps, 5.0, "euler", "normal", positive,
+                                                 negative, {"samples": samples}, start, end, leftover)[0]["samples"]
+
+
+def test_a_step_split_of_ksampler_advanced_equals_one_run(sdxl):
+    positive, negative = prompts()
+    # Sharing from percent 0.01, single-pass injection in 0.1..0.333 (steps 1 and 2 of 10), the split at step 6.
+    patched = injection(share(sdxl), "single-pass")
+    whole = advanced(patched, positive, negative, latent(), 0, 10000, "enable", "disable")
+    first = advanced(patched, positive, negative, latent(), 0, 6, "enable", "enable")
+    split = advanced(patched, positive, negative, first, 6, 10000, "disable", "disable")
+    assert torch.allclose(split, whole, rtol=1e-5, atol=1e-5 * whole.abs().max())
+    assert clearly_differs(whole, advanced(share(sdxl), positive, negative, latent(), 0, 10000, "enable", "disable"),
+                           1e-3)  # injection acts in the first part
