@@ -279,7 +279,7 @@ def test_patches_compose_with_sharing_in_either_order(sdxl, other):
     assert torch.equal(shared_first, other_first)
     assert clearly_differs(shared_first, sample(share_node(sdxl, layers="all"), positive, negative, latent(), **run),
                            1e-2)  # the other node acts
-    assert clearly_differs(shared_first, sample(apply(sdxl), positive, negative, latent(), **run), 1e-2)  # so do we
+    assert clearly_differs(shared_first, sample(apply(sdxl), positive, negative, latent(), **run), 1e-3)  # so do we
     if other == "attn2":
         assert calls
 
