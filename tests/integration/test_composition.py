@@ -302,3 +302,30 @@ def test_a_step_split_of_ksampler_advanced_equals_one_run(sdxl):
     assert torch.allclose(split, whole, rtol=1e-5, atol=1e-5 * whole.abs().max())
     assert clearly_differs(whole, advanced(share(sdxl), positive, negative, latent(), 0, 10000, "enable", "disable"),
                            1e-3)  # injection acts in the first part
+
+
+# Percent windows: the shipped workflows keep ConsiStory's injection steps n/10 .. n/3 ----------------------------------
+
+
+def test_shipped_workflows_inject_on_consistorys_steps(sdxl):
+    import json
+    import math
+    from pathlib import Path
+
+    import comfy.samplers
+
+    from spectral_anchors.nodes.feature_injection import injection_steps
+
+    model_sampling = sdxl.get_model_object("model_sampling")  # the tiny UNet has SDXL's noise schedule
+    checked = 0
+    for path in sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json")):
+        workflow_nodes = json.loads(path.read_text())["nodes"]
+        samplers = [node for node in workflow_nodes if node["type"] == "KSampler"]
+        for node in (node for node in workflow_nodes if node["type"] == "SpectralFeatureInjection"):
+            _, start, end = node["widgets_values"][:3]
+            _, _, steps, _, _, scheduler, _ = samplers[0]["widgets_values"]
+            schedule = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).tolist()
+            assert list(injection_steps(model_sampling, schedule, start, end)) == list(
+                range(steps // 10, math.ceil(steps / 3))), path.name
+            checked += 1
+    assert checked >= 2
