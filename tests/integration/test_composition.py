@@ -304,7 +304,7 @@ def test_a_step_split_of_ksampler_advanced_equals_one_run(sdxl):
                            1e-3)  # injection acts in the first part
 
 
-# Percent windows: the shipped workflows keep ConsiStory's injection steps n/10 .. n/3 ----------------------------------
+# Percent windows: the shipped workflows keep ConsiStory's injection steps n/10 .. n/3 ---------------------------------
 
 
 def test_shipped_workflows_inject_on_consistorys_steps(sdxl):
