@@ -87,10 +87,11 @@ def nearest_neighbours(queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(distances), torch.cat(indices)
 
 
-def distance_threshold(distances: Tensor) -> Tensor:
+def distance_threshold(distances: Tensor, float64: bool | None = None) -> Tensor:
     """Otsu threshold of each row of best distances [B, N] (finite entries only); +inf where a row has no split.
 
     A row whose finite values all lie within FLAT_SPREAD has one class, so every token of it is under the threshold.
+    float64: Otsu in float64 (None: when the device has it), as for masks.otsu_threshold.
     """
     thresholds = []
     for row in distances:
@@ -100,7 +101,7 @@ def distance_threshold(distances: Tensor) -> Tensor:
         elif float(finite.max() - finite.min()) <= FLAT_SPREAD:
             thresholds.append(torch.tensor(math.inf, device=row.device))
         else:
-            thresholds.append(otsu_threshold(finite.double()).to(row.device))
+            thresholds.append(otsu_threshold(finite, float64).to(row.device))
     return torch.stack(thresholds).to(distances.dtype)
 
 
@@ -128,11 +129,12 @@ class Correspondence:
         return self.source_image.shape[1]
 
 
-def dense_correspondence(features: Tensor, anchor_count: int, subject_masks: Tensor | None = None) -> Correspondence:
+def dense_correspondence(features: Tensor, anchor_count: int, subject_masks: Tensor | None = None,
+                         float64: bool | None = None) -> Correspondence:
     """Correspondences of a batch from its feature maps [B, C, H, W] (already smoothed).
 
     subject_masks: [B, H * W] bool, or None for the mask-free setting (every token is subject).
-    The first min(anchor_count, B) images are anchors.
+    The first min(anchor_count, B) images are anchors. float64: as for distance_threshold.
     """
     batch, _, height, width = features.shape
     tokens = feature_tokens(features.float())
@@ -162,7 +164,7 @@ def dense_correspondence(features: Tensor, anchor_count: int, subject_masks: Ten
         source_image[image] = torch.as_tensor(sources, device=device)[best]
         source_token[image] = matched.gather(0, best[None]).squeeze(0)
         distance[image] = best_distance
-    threshold = distance_threshold(distance)
+    threshold = distance_threshold(distance, float64)
     injected = (distance <= threshold[:, None]) & masks & (source_image >= 0)
     return Correspondence(grid=(height, width), source_image=source_image, source_token=source_token,
                           distance=distance, threshold=threshold, injected=injected)

@@ -8,15 +8,15 @@ receiver in the same layer.
 Blending after the layer's to_out projection is exactly the same as blending before it: to_out is affine
 (W x + b) and the two weights sum to 1, so W (s a + (1 - s) b) + b = s (W a + b) + (1 - s) (W b + b).
 
-When: step i (0-based) of a schedule of n steps injects when start x n <= i < end x n. The feature step of the
-two-pass variant is the schedule step whose model timestep is nearest the target (261 of 1000).
+When: the steps whose sigma lies in ComfyUI's percent window (model_sampling.percent_to_sigma of start and end, as
+ControlNet's and Deep Shrink's windows; see nodes/feature_injection.py). The feature step of the two-pass variant
+is the schedule step whose model timestep is nearest the target (261 of 1000).
 
 Plain PyTorch; never imports comfy.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,21 +25,11 @@ from torch import Tensor
 
 from .correspondence import Correspondence
 
-# ConsiStory injects during steps n/10 .. n/3 and reads its features at the timestep nearest 261 of 1000.
+# ConsiStory injects during steps n/10 .. n/3 and reads its features at the timestep nearest 261 of 1000. On
+# ComfyUI's normal and simple schedules step i of n sits at about percent i/n, so these percents are that window.
 DEFAULT_START = 0.1
 DEFAULT_END = 0.333
 FEATURE_TIMESTEP = 261
-# start x n is compared with a little slack so 0.1 x 50 = 5.000000000000001 still counts step 5.
-_STEP_EPS = 1e-9
-
-
-def window_steps(step_count: int, start: float, end: float) -> range:
-    """The step indices i of a schedule of `step_count` steps with start x n <= i < end x n (maybe empty)."""
-    if step_count <= 0 or end <= start:
-        return range(0)
-    first = max(0, math.ceil(start * step_count - _STEP_EPS))
-    stop = min(step_count, math.ceil(end * step_count - _STEP_EPS))
-    return range(first, max(first, stop))
 
 
 def nearest_step(timesteps: Sequence[float], target: float) -> int:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .device import exact_dtype
+
 Grid = tuple[int, int]
 
 # ConsiStory averages the cross-attention of the last (up to) 20 steps.
@@ -69,22 +71,27 @@ def upsample_maps(maps: Tensor, source: Grid, target: Grid) -> Tensor:
     return resized.reshape(*lead, target[0] * target[1])
 
 
-def otsu_threshold(values: Tensor) -> Tensor:
+def otsu_threshold(values: Tensor, float64: bool | None = None) -> Tensor:
     """Otsu's threshold of each row of values [..., M]: the split maximising the between-class variance.
 
     Exact (no histogram): every split between two distinct sorted values is tried. Returns the largest value of
     the lower class, so `values > threshold` is the upper class. A row without two distinct values has no split;
     its threshold is +inf (an empty upper class).
+
+    float64: work in float64 (None: when the device has it; Apple MPS does not). The float32 path computes the
+    same definition; both sides' sums come from their own cumulative sums, so no class mean is a difference of
+    two large sums.
     """
-    ordered = values.double().sort(dim=-1).values
+    dtype = exact_dtype(values.device, float64)
+    ordered = values.to(dtype).sort(dim=-1).values
     count = ordered.shape[-1]
     if count < 2:
         return torch.full(values.shape[:-1], float("inf"), dtype=values.dtype, device=values.device)
-    cumulative = ordered.cumsum(-1)
-    lower_sizes = torch.arange(1, count, dtype=torch.float64, device=values.device)
-    lower_sums = cumulative[..., :-1]
+    lower_sums = ordered.cumsum(-1)[..., :-1]
+    upper_sums = ordered.flip(-1).cumsum(-1).flip(-1)[..., 1:]
+    lower_sizes = torch.arange(1, count, dtype=dtype, device=values.device)
     lower_mean = lower_sums / lower_sizes
-    upper_mean = (cumulative[..., -1:] - lower_sums) / (count - lower_sizes)
+    upper_mean = upper_sums / (count - lower_sizes)
     between = lower_sizes * (count - lower_sizes) * (lower_mean - upper_mean) ** 2
     # A split inside a run of equal values cannot be realised by a threshold.
     between = torch.where(ordered[..., 1:] > ordered[..., :-1], between, torch.full_like(between, -1.0))
@@ -95,17 +102,18 @@ def otsu_threshold(values: Tensor) -> Tensor:
     return threshold.to(values.dtype)
 
 
-def otsu_foreground(values: Tensor) -> Tensor:
+def otsu_foreground(values: Tensor, float64: bool | None = None) -> Tensor:
     """The upper Otsu class of each row of values [..., M], as a bool mask of the same shape."""
-    return values > otsu_threshold(values).unsqueeze(-1)
+    return values > otsu_threshold(values, float64).unsqueeze(-1)
 
 
-def subject_masks(maps: Tensor, valid: Tensor, source: Grid, target: Grid) -> Tensor:
+def subject_masks(maps: Tensor, valid: Tensor, source: Grid, target: Grid, float64: bool | None = None) -> Tensor:
     """Per-image subject masks [B, Ht * Wt] from averaged maps [B, S, Hs * Ws] of S subject tokens.
 
     Each token's map is upsampled to the target grid and Otsu-thresholded per image; the tokens are united.
+    float64: as for otsu_threshold.
     """
-    foreground = otsu_foreground(upsample_maps(maps.float(), source, target))
+    foreground = otsu_foreground(upsample_maps(maps.float(), source, target), float64)
     return (foreground & valid.to(foreground.device)[..., None]).any(1)
 
 
@@ -145,12 +153,13 @@ class SubjectMaskHistory:
     """
 
     def __init__(self, subject_tokens: Sequence[Sequence[int]], dropout: float, seed: int,
-                 history_steps: int = HISTORY_STEPS) -> None:
+                 history_steps: int = HISTORY_STEPS, float64: bool | None = None) -> None:
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"mask dropout must be between 0 and 1, got {dropout!r}")
         self.token_index, self.valid = pad_token_positions(subject_tokens)
         self.dropout = float(dropout)
         self.seed = int(seed)
+        self.float64 = float64  # Otsu's precision; None: float64 where the device has it
         self.source_grid: Grid | None = None
         self._history: deque[Tensor] = deque(maxlen=history_steps)
         self._open_step: int | None = None
@@ -166,10 +175,13 @@ class SubjectMaskHistory:
 
     def record(self, step: int, maps: Tensor, grid: Grid) -> None:
         """Add one layer's subject maps [B, S, N] (N = grid height x width) read during `step`."""
-        if self.source_grid is None:
+        if tuple(grid) != self.source_grid:
+            # First maps, or the coarsest grid changed mid-run (Deep Shrink's window ended): maps of two grids do
+            # not average, so the history starts again on the new grid. Until one of its steps closes, anchors
+            # share all their tokens, as before the first mask.
             self.source_grid = tuple(grid)
-        elif tuple(grid) != self.source_grid:
-            raise ValueError(f"subject maps on a {grid} grid, but the coarsest grid of this run is {self.source_grid}")
+            self._history.clear()
+            self._open_step, self._open_sum, self._open_layers = None, None, 0
         self._close_steps_before(step)
         if self._open_step is None:
             self._open_step, self._open_sum, self._open_layers = step, maps.float().clone(), 1
@@ -192,7 +204,7 @@ class SubjectMaskHistory:
             averaged = self.averaged_maps(step)
             if averaged is None:
                 return None
-            self._mask_cache[grid] = subject_masks(averaged, self.valid, self.source_grid, grid)
+            self._mask_cache[grid] = subject_masks(averaged, self.valid, self.source_grid, grid, self.float64)
         return self._mask_cache[grid]
 
     def anchor_keep(self, step: int, grid: Grid, anchors: int) -> list[Tensor] | None:

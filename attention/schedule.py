@@ -27,3 +27,12 @@ class SigmaWindow:
 
     def contains(self, sigma: float) -> bool:
         return self.start_sigma * (1.0 + _RELATIVE_TOLERANCE) >= sigma >= self.end_sigma * (1.0 - _RELATIVE_TOLERANCE)
+
+
+def steps_in_window(schedule: Sequence[float], window: SigmaWindow) -> range:
+    """The steps of a schedule (its sigmas, the final one excluded) whose sigma lies in the window (maybe none).
+
+    A schedule's sigmas fall, so the steps inside a window are consecutive.
+    """
+    inside = [step for step, sigma in enumerate(schedule[:-1]) if window.contains(sigma)]
+    return range(inside[0], inside[-1] + 1) if inside else range(0)

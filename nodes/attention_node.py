@@ -8,7 +8,7 @@ from . import io_types
 from .io_types import Spectrum
 from .search_aliases import search_aliases
 from .sharing_patch import SharingPlan, apply_sharing
-from .spectrum_plot_node import plot_layers_downstream
+from .spectrum_plot_node import ALL_LAYERS, plot_layers_downstream
 from .spectrum_recording import recorder_of
 from .story_runs import anchors_mismatch
 from .unet_layers import LAYER_CHOICES, UnsupportedModelError
@@ -18,6 +18,15 @@ from .unet_layers import LAYER_CHOICES, UnsupportedModelError
 DEFAULT_START_PERCENT = 0.01
 MAX_ANCHORS = 64
 NODE_NAME = "Spectral Anchor Attention"
+# validate_inputs receives a linked input as None and an unconnected optional input not at all: this default
+# tells the two apart.
+_NOT_CONNECTED = object()
+
+
+def _missing_story_message() -> str:
+    return (f"{NODE_NAME}, input 'story': subject_masks is on but no story is connected. Connect the story output "
+            "of a Spectral Story Prompts node (and feed the sampler its positive conditioning and latent), or turn "
+            "subject_masks off.")
 
 
 class SpectralAnchorAttention(io.ComfyNode):
@@ -45,11 +54,14 @@ class SpectralAnchorAttention(io.ComfyNode):
                                        "ConsiStory's choice; adding the middle or all layers gives more identity "
                                        "and more background leakage."),
                 io.Float.Input("start_percent", default=DEFAULT_START_PERCENT, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress at which sharing starts. 0.01 keeps the first step plain "
-                                       "so the layout forms freely; 0.0 shares from the very first step."),
+                               tooltip="Where sharing starts, as ComfyUI's percent of the noise schedule (the same "
+                                       "meaning as ControlNet's and Deep Shrink's start_percent: 0 = the largest "
+                                       "noise, 1 = the end). 0.01 keeps the first step plain so the layout forms "
+                                       "freely; 0.0 shares from the very first step."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress at which sharing stops. End at or before start turns "
-                                       "sharing off (the model is then unchanged)."),
+                               tooltip="Where sharing stops, as ComfyUI's percent of the noise schedule (a step "
+                                       "shares while start_percent <= its percent <= end_percent). End at or "
+                                       "before start turns sharing off (the model is then unchanged)."),
                 Spectrum.Input("key_spectrum", optional=True,
                                tooltip="Filter for the anchors' keys as other images see them (SpectralTruncate / "
                                        "SpectralReweight). Keys mostly decide background leakage: keep 1-5 %."),
@@ -85,14 +97,19 @@ class SpectralAnchorAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, subject_masks: bool | None = None, story=_NOT_CONNECTED) -> bool | str:
+        # Queue time: only what is known before anything runs. A linked subject_masks is checked by execute.
+        if subject_masks is True and story is _NOT_CONNECTED:
+            return _missing_story_message()
+        return True
+
+    @classmethod
     def execute(cls, model, anchors: int, layers: str, start_percent: float, end_percent: float,
                 key_spectrum=None, value_spectrum=None, story=None, subject_masks: bool = False,
                 mask_dropout: float = 0.5, mask_seed: int = 0, query_blending: bool = False) -> io.NodeOutput:
         if subject_masks:
             if story is None:
-                raise ValueError(f"{NODE_NAME}, input 'story': subject_masks is on but no story is connected. Connect "
-                                 "the story output of a Spectral Story Prompts node (and feed the sampler its "
-                                 "positive conditioning and latent), or turn subject_masks off.")
+                raise ValueError(_missing_story_message())
             story.require_subject_in_every_scene()
         if story is not None and story.is_split and story.anchor_count != anchors:
             raise anchors_mismatch(anchors, story.anchor_count)
@@ -106,7 +123,11 @@ class SpectralAnchorAttention(io.ComfyNode):
             raise ValueError(f"Spectral Anchor Attention, input 'model': {error}") from None
         recorder = recorder_of(patched)
         if recorder is not None:
+            # Unfiltered K or V is decomposed for recording only on the layers a plot in this prompt asks for.
             for layer in plot_layers_downstream(cls.hidden.prompt if cls.hidden else None,
                                                 cls.hidden.unique_id if cls.hidden else None):
-                recorder.arm(layer)
+                if layer == ALL_LAYERS:
+                    recorder.arm_all()
+                else:
+                    recorder.arm(layer)
         return io.NodeOutput(patched)

@@ -54,8 +54,8 @@ from ..attention.injection import (
     inject_matched_outputs,
     injection_index,
     nearest_step,
-    window_steps,
 )
+from ..attention.schedule import SigmaWindow, steps_in_window
 from ..attention.sharing import anchor_count_in_chunk
 from .query_blend import recording_queries
 from .sampling_run import RUN_KEY, SamplingRun, call_of, track_sampling_runs
@@ -238,6 +238,20 @@ def feature_step(model_sampling, schedule: list[float], target_timestep: float) 
     return nearest_step(timesteps, target)
 
 
+def injection_steps(model_sampling, schedule: list[float], start_percent: float, end_percent: float) -> range:
+    """The steps of this (sub-)schedule inside ComfyUI's percent window: start_sigma >= sigma >= end_sigma.
+
+    Percents of the noise schedule (model_sampling.percent_to_sigma), as ControlNet, Deep Shrink and Spectral
+    Anchor Attention use them, so a window stays where it is whatever the scheduler, the step count, or a
+    KSamplerAdvanced step split.
+    """
+    if end_percent <= start_percent:
+        return range(0)
+    window = SigmaWindow(float(model_sampling.percent_to_sigma(start_percent)),
+                         float(model_sampling.percent_to_sigma(end_percent)))
+    return steps_in_window(schedule, window)
+
+
 def _has_sources(images: int, anchor_count: int) -> bool:
     """Whether any image has a source: a second anchor, or a target next to an anchor."""
     anchors = anchor_count_in_chunk(anchor_count, images)
@@ -297,8 +311,8 @@ def _make_sample_wrapper(settings: InjectionSettings):
             logging.warning("SpectralFeatureInjection: unexpected sampler call; sampling without injection.")
             return executor(*args, **kwargs)
         schedule = [float(sigma) for sigma in bound.arguments["sigmas"].flatten().tolist()]
-        step_count = max(len(schedule) - 1, 0)
-        window = window_steps(step_count, settings.start_percent, settings.end_percent)
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        window = injection_steps(model_sampling, schedule, settings.start_percent, settings.end_percent)
         plan = sharing_plan_of(guider.model_patcher)
         anchor_count = plan.anchor_count if plan is not None else settings.anchor_count
         images = bound.arguments["noise"].shape[0]
@@ -310,7 +324,6 @@ def _make_sample_wrapper(settings: InjectionSettings):
         options[INJECTION_KEY] = state
         try:
             if settings.source == "two-pass":
-                model_sampling = guider.model_patcher.get_model_object("model_sampling")
                 state.capture = FeatureCapture(step=feature_step(model_sampling, schedule, settings.feature_timestep))
                 _first_pass(executor, guider, bound, state.capture)
                 capture, state.capture = state.capture, None

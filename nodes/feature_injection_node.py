@@ -42,14 +42,16 @@ class SpectralFeatureInjection(io.ComfyNode):
                                        "strength x anchor + (1 - strength) x its own. 0.8 is ConsiStory's value; "
                                        "0 turns injection off (the model is then unchanged)."),
                 io.Float.Input("start_percent", default=DEFAULT_START, min=0.0, max=1.0, step=0.001,
-                               tooltip="First injection step, as a fraction of the sampler's steps (not of the "
-                                       "noise schedule, unlike ComfyUI's usual percents): step i of n (counting "
-                                       "from 0) injects when start_percent x n <= i < end_percent x n. 0.1 = "
-                                       "ConsiStory's n/10 (step 5 of 50)."),
+                               tooltip="Where injection starts, as ComfyUI's percent of the noise schedule (the "
+                                       "same meaning as ControlNet's and Deep Shrink's start_percent: 0 = the "
+                                       "largest noise, 1 = the end). A step injects while start_percent <= its "
+                                       "percent <= end_percent. 0.1 = ConsiStory's n/10 on the normal and simple "
+                                       "schedules; karras reaches a percent later (0.07 is step 3 of 30)."),
                 io.Float.Input("end_percent", default=DEFAULT_END, min=0.0, max=1.0, step=0.001,
-                               tooltip="End of injection, as a fraction of the sampler's steps (exclusive): "
-                                       "0.333 = ConsiStory's n/3 (steps 5..16 of 50 inject). End at or before "
-                                       "start turns injection off."),
+                               tooltip="Where injection ends, as ComfyUI's percent of the noise schedule "
+                                       "(inclusive). 0.333 = ConsiStory's n/3 on the normal and simple schedules; "
+                                       "0.3 is step 9 of 30 with karras. The window stays put under "
+                                       "KSamplerAdvanced's step split. End at or before start turns injection off."),
                 io.Combo.Input("layers", options=list(LAYER_CHOICES), default="finest",
                                tooltip="Which self-attention layers inject; always those on the finest attention "
                                        "grid (64x64 for SDXL at 1024x1024), where the correspondences live. finest "
@@ -82,7 +84,7 @@ class SpectralFeatureInjection(io.ComfyNode):
             raise _input_error("strength", f"{strength} is outside 0..1. Use 0.8 (ConsiStory) or 0 to turn it off.")
         for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
             if not 0.0 <= value <= 1.0:
-                raise _input_error(name, f"{value} is outside 0..1; it is a fraction of the sampler's steps.")
+                raise _input_error(name, f"{value} is outside 0..1; it is a percent of the noise schedule.")
         if layers not in LAYER_CHOICES:
             raise _input_error("layers", f"'{layers}' is not one of {', '.join(LAYER_CHOICES)}.")
         if correspondence not in SOURCE_CHOICES:

@@ -9,6 +9,11 @@ shares (the sharing window contains its sigma) and lies in the first n/10 steps,
 All other calls run once, untouched: only the blending steps pay for the extra forward, and the first step, plain
 under the default start_percent, needs none. Other nodes' patches see both forwards; per-call state of ours (mask
 reading) skips the recording forward.
+
+The UNet consumes some of its inputs: ControlNet and T2I-Adapter residuals arrive as lists in `control`, and
+ComfyUI's apply_control pops one entry per block as it adds it. The plain forward therefore gets its own copy of
+those lists, so the kept forward still receives every residual (core PAG gets the same effect by running its
+extra forward through calc_cond_batch with copied model options).
 """
 
 from __future__ import annotations
@@ -58,6 +63,14 @@ def blended_queries(options: dict, layer: LayerKey, q: Tensor) -> Tensor:
     return blend_queries(blend_pass.queries[layer], q, blend_pass.weight)
 
 
+def _own_copy(control):
+    """A copy of the control residuals whose lists one forward may pop without emptying the caller's."""
+    if not isinstance(control, dict):
+        return control
+    return {name: list(residuals) if isinstance(residuals, list) else residuals
+            for name, residuals in control.items()}
+
+
 def install_query_blending(model_patcher, window: SigmaWindow, weights: tuple[float, float]) -> None:
     """Register the two-forward wrapper on a clone (weights: s on the first and on the last blending step)."""
 
@@ -70,7 +83,8 @@ def install_query_blending(model_patcher, window: SigmaWindow, weights: tuple[fl
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         plain = QueryBlendPass(recording=True, weight=weight)
         # The plain forward's output is discarded: only the queries it records are used.
-        executor(x, timesteps, context, y, control, {**transformer_options, QUERY_BLEND_KEY: plain}, **kwargs)
+        executor(x, timesteps, context, y, _own_copy(control), {**transformer_options, QUERY_BLEND_KEY: plain},
+                 **kwargs)
         blend = QueryBlendPass(recording=False, weight=weight, queries=plain.queries)
         return executor(x, timesteps, context, y, control, {**transformer_options, QUERY_BLEND_KEY: blend}, **kwargs)
 

@@ -8,6 +8,7 @@ Both reach the attention patches through transformer_options, the channel ComfyU
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +23,13 @@ _WRAPPER_KEY = "spectral_anchors.sampling_run"
 
 @dataclass
 class SamplingRun:
-    """What one sampling run knows: its sigma schedule, and per-feature scratch space."""
+    """What one sampling run knows: its sigma schedule, the model being sampled, and per-feature scratch space."""
 
     schedule: list[float]
     model_sampling: Any
     scratch: dict[str, Any] = field(default_factory=dict)
+    model_patcher: Any = None  # the MODEL clone the sampler was given
+    on_end: list[Callable[[], None]] = field(default_factory=list)  # called once when sampling ends
 
     @property
     def step_count(self) -> int:
@@ -55,12 +58,16 @@ def _outer_sample(executor, *args, **kwargs):
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
     transformer_options = guider.model_options.setdefault("transformer_options", {})
     run = SamplingRun(schedule=[float(s) for s in sigmas.tolist()],
-                      model_sampling=guider.model_patcher.get_model_object("model_sampling"))
+                      model_sampling=guider.model_patcher.get_model_object("model_sampling"),
+                      model_patcher=guider.model_patcher)
     transformer_options[RUN_KEY] = run
     try:
         return executor(*args, **kwargs)
     finally:
         transformer_options.pop(RUN_KEY, None)
+        for finish in run.on_end:
+            finish()
+        run.on_end.clear()
         run.scratch.clear()
 
 

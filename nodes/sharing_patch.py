@@ -1,4 +1,11 @@
-"""How a MODEL clone gets anchor-shared self-attention: one attn1 replacement per selected layer."""
+"""How a MODEL clone gets anchor-shared self-attention: one attn1 replacement per UNet block with selected layers.
+
+The replacements use ComfyUI's 2-part key (block name, block id), which serves every transformer of that block.
+ComfyUI looks an attn1 replacement up by the 3-part key (block name, block id, index) first and by the 2-part key
+second, so any other node's replacement wins on its layers: a 3-part one set before or after this node, a 2-part
+one set later (it takes the same key), or one set only for a single forward, as core PAG does in its own pass.
+A 2-part replacement already on the model keeps its block: this node leaves it alone and logs a warning once.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +73,7 @@ def apply_sharing(model_patcher, plan: SharingPlan):
     if plan.window_is_empty:
         return patched  # nothing to do: the clone computes exactly what the input does
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    taken = [key for key in layers if key in existing]
+    taken = [key for key in layers if key in existing or key[:2] in existing]
     if taken:
         logging.warning("SpectralAnchorAttention: another node already replaces self-attention on %s; "
                         "those layers are left to it.", ", ".join(map(str, taken)))
@@ -87,14 +94,15 @@ def apply_sharing(model_patcher, plan: SharingPlan):
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, _SETTLE_WRAPPER_KEY, _settle_spectra)
     recorder = SpectrumRecorder(layers)
     patched.set_attachments(RECORDER_KEY, recorder)
-    for index, key in enumerate(layers):
-        if key not in taken:
-            patched.set_model_attn1_replace(_make_layer_patch(plan, window, key, index, recorder), *key)
+    layer_indices = {key: index for index, key in enumerate(layers)}
+    for block in dict.fromkeys(key[:2] for key in layers):
+        if block not in existing:
+            patched.set_model_attn1_replace(_make_block_patch(plan, window, block, layer_indices, recorder), *block)
     return patched
 
 
-def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, layer_index: int,
-                      recorder: SpectrumRecorder):
+def _make_block_patch(plan: SharingPlan, window: SigmaWindow, block: tuple[str, int],
+                      layer_indices: dict[LayerKey, int], recorder: SpectrumRecorder):
     key_filter = _filter_of(plan.key_spectrum)
     value_filter = _filter_of(plan.value_spectrum)
 
@@ -107,6 +115,10 @@ def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, l
                                                        attn_precision=extra_options.get("attn_precision"),
                                                        transformer_options=extra_options)
 
+        layer = (*block, extra_options.get("block_index", 0))
+        layer_index = layer_indices.get(layer)
+        if layer_index is None:
+            return attend(q, k, v)
         call = call_of(extra_options)
         sigma = call.sigma if call is not None else float(extra_options["sigmas"].max())
         if not window.contains(sigma):
@@ -116,6 +128,8 @@ def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, l
                 record_queries(extra_options, layer, q)
                 return attend(q, k, v)  # the plain forward of query blending
             q = blended_queries(extra_options, layer, q)
+        # Layers a plot asked for are decomposed fully so the plot sees every singular value; the others take
+        # the batched filter path (iterative top-k where the chain allows), which records nothing.
         keys_filter, values_filter, pair_filter = key_filter, value_filter, None
         cond_or_uncond = extra_options["cond_or_uncond"]
         if recorder.wants(layer_index):
@@ -130,7 +144,7 @@ def _make_layer_patch(plan: SharingPlan, window: SigmaWindow, layer: LayerKey, l
                                 key_filter=keys_filter, value_filter=values_filter, anchor_keep=anchor_keep,
                                 pair_filter=pair_filter)
 
-    shared_self_attention.layer = layer  # lets tests and tools see which layer a patch serves
+    shared_self_attention.block = block  # lets tests and tools see which block a patch serves
     return shared_self_attention
 
 

@@ -32,6 +32,22 @@ def _extend(spectrum: Spectrum | None, step, method: str | None = None) -> Spect
     return chain.then(step)
 
 
+def _truncate_problem(mode: str, value: float) -> str | None:
+    try:
+        validate_truncate(mode, value)
+    except ValueError as error:
+        return f"Spectral Truncate, input 'value': {error}"
+    return None
+
+
+def _reweight_problem(mode: str, alpha: float) -> str | None:
+    try:
+        validate_reweight(mode, alpha)
+    except ValueError as error:
+        return f"Spectral Reweight, input 'alpha': {error}"
+    return None
+
+
 class SpectralTruncate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -65,16 +81,19 @@ class SpectralTruncate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode: str, value: float) -> bool | str:
-        try:
-            validate_truncate(mode, value)
-        except ValueError as error:
-            return f"Spectral Truncate, input 'value': {error}"
-        return True
+    def validate_inputs(cls, mode: str | None = None, value: float | None = None) -> bool | str:
+        # At queue time a linked input (a Primitive node, a sweep) arrives as None: execute checks it then.
+        if mode is None or value is None:
+            return True
+        message = _truncate_problem(mode, value)
+        return True if message is None else message
 
     @classmethod
     def execute(cls, mode: str, value: float, spectrum: Spectrum | None = None,
                 solver: str = "exact") -> io.NodeOutput:
+        message = _truncate_problem(mode, value)
+        if message is not None:
+            raise ValueError(message)
         return io.NodeOutput(_extend(spectrum, Truncate(mode, value), solver))
 
 
@@ -107,13 +126,16 @@ class SpectralReweight(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode: str, alpha: float) -> bool | str:
-        try:
-            validate_reweight(mode, alpha)
-        except ValueError as error:
-            return f"Spectral Reweight, input 'alpha': {error}"
-        return True
+    def validate_inputs(cls, mode: str | None = None, alpha: float | None = None) -> bool | str:
+        # At queue time a linked input arrives as None: execute checks it then.
+        if mode is None or alpha is None:
+            return True
+        message = _reweight_problem(mode, alpha)
+        return True if message is None else message
 
     @classmethod
     def execute(cls, mode: str, alpha: float, spectrum: Spectrum | None = None) -> io.NodeOutput:
+        message = _reweight_problem(mode, alpha)
+        if message is not None:
+            raise ValueError(message)
         return io.NodeOutput(_extend(spectrum, Reweight(mode, alpha)))

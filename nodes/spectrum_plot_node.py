@@ -16,11 +16,15 @@ NODE_ID = "SpectralSpectrumPlot"
 _MAX_HOPS = 64  # model-patching nodes between the attention node and the plot; guards against cyclic prompts
 
 
+ALL_LAYERS = -1  # a plot whose layer comes from a link that is not a constant: any layer may be asked for
+
+
 def plot_layers_downstream(prompt: dict | None, attention_node_id: str | None) -> set[int]:
     """Layers that SpectralSpectrumPlot nodes of this prompt want from the given attention node's MODEL.
 
     A plot's `model` input is followed upstream through any chain of MODEL-to-MODEL nodes (LoRA loaders,
-    other patches) until it reaches the attention node.
+    other patches) until it reaches the attention node. A linked `layer` is read from its source when that is a
+    primitive node with a constant value; otherwise the set holds ALL_LAYERS.
     """
     if not prompt or attention_node_id is None:
         return set()
@@ -30,9 +34,16 @@ def plot_layers_downstream(prompt: dict | None, attention_node_id: str | None) -
             continue
         inputs = node.get("inputs", {})
         if _reaches(prompt, inputs.get("model"), str(attention_node_id)):
-            layer = inputs.get("layer", 0)
-            wanted.add(layer if isinstance(layer, int) else 0)
+            wanted.add(_layer_of(prompt, inputs.get("layer", 0)))
     return wanted
+
+
+def _layer_of(prompt: dict, layer) -> int:
+    if isinstance(layer, list) and layer:  # a link: a primitive node's constant, or unknown until run time
+        source = prompt.get(str(layer[0]), {})
+        value = source.get("inputs", {}).get("value") if isinstance(source, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else ALL_LAYERS
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) else 0
 
 
 def _reaches(prompt: dict, link, target: str) -> bool:
@@ -57,8 +68,9 @@ class SpectralSpectrumPlot(io.ComfyNode):
             description=(
                 "Plots the singular values of each anchor's keys (K) and values (V) at one layer and step, before and "
                 "after the spectrum filters, on a log scale. Connect the patched model and the sampler's output "
-                "latent (which makes the plot run after sampling), and send the image to Preview Image. Recording "
-                "happens only for layers a plot asks for."
+                "latent (which makes the plot run after sampling), and send the image to Preview Image. Filtered "
+                "keys and values are recorded in every run (their filter decomposes them anyway); unfiltered ones "
+                "only on the layers a plot asks for."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model coming out of Spectral Anchor Attention (LoRAs or other "
@@ -83,23 +95,27 @@ class SpectralSpectrumPlot(io.ComfyNode):
         if layer >= len(recorder.layer_keys):
             raise ValueError(f"Spectral Spectrum Plot, input 'layer': the model shares {len(recorder.layer_keys)} "
                              f"layers, so layer must be between 0 and {len(recorder.layer_keys) - 1}.")
-        steps = recorder.records.get(layer, {})
+        spectra = recorder.spectra_for(model)
+        steps = spectra.records.get(layer, {}) if spectra is not None else {}
         if not steps:
             recorder.arm(layer)
-            raise ValueError("Spectral Spectrum Plot: nothing was recorded for this layer in the last sampling run "
-                             "(its result probably came from ComfyUI's cache, or sharing never ran). Recording is "
-                             "now on: change the seed or any sampler setting and queue again.")
+            raise ValueError(f"Spectral Spectrum Plot: nothing was recorded at layer {layer} in the last sampling run "
+                             "of this model. Either sharing never ran there, or no key_spectrum / value_spectrum "
+                             "filter is set and this plot was not in the prompt when Spectral Anchor Attention "
+                             "ran. Recording is now on for this layer: queue again (if the sampler's result comes "
+                             "from ComfyUI's cache, change any sampler setting).")
         chosen = max(steps) if step < 0 else step
         if chosen not in steps:
             raise ValueError(f"Spectral Spectrum Plot, input 'step': step {step} did not share. Steps with data: "
                              f"{_ranges(sorted(steps))}.")
-        spectra = steps[chosen]
+        recorded = steps[chosen]
+        kinds = [(kind, name) for kind, name in (("K", "keys"), ("V", "values")) if kind in recorded.before]
         panels = []
-        anchors = spectra.before["K"].shape[0]
+        anchors = recorded.before[kinds[0][0]].shape[0]
         for anchor in range(anchors):
-            for kind, name in (("K", "keys"), ("V", "values")):
-                panels.append((f"anchor {anchor + 1} {name} ({kind}): {recorder.filters.get(kind, 'none')}",
-                               spectra.before[kind][anchor], spectra.after[kind][anchor]))
+            for kind, name in kinds:
+                panels.append((f"anchor {anchor + 1} {name} ({kind}): {spectra.filters.get(kind, 'none')}",
+                               recorded.before[kind][anchor].cpu(), recorded.after[kind][anchor].cpu()))
         block, block_id, index = recorder.layer_keys[layer]
         latent = samples["samples"] if isinstance(samples, dict) and "samples" in samples else None
         where = f"{block} block {block_id}, transformer {index}"
@@ -107,6 +123,10 @@ class SpectralSpectrumPlot(io.ComfyNode):
             rows, columns = layer_token_grid(unet_of(model), recorder.layer_keys[layer], *latent.shape[-2:])
             where += f"; {rows} x {columns} token grid = {rows * columns} tokens"
         title = f"layer {layer} ({where}), step {chosen}, cond chunk"
+        unrecorded = [kind for kind in ("K", "V") if kind not in recorded.before]
+        if unrecorded:  # unfiltered and not asked for when the run started: recorded from the next run on
+            recorder.arm(layer)
+            title += f"; {' and '.join(unrecorded)} unfiltered, recorded from the next run"
         return io.NodeOutput(draw_spectra(panels, title))
 
 

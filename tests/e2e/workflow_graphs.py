@@ -159,7 +159,8 @@ _SPECTRAL_ATTENTION = {"anchors": 2, "layers": "decoder", "start_percent": 0.01,
                        "subject_masks": False, "mask_dropout": 0.5, "mask_seed": 0, "query_blending": False}
 _CONSISTORY_ATTENTION = {"anchors": 2, "layers": "decoder", "start_percent": 0.01, "end_percent": 1.0,
                          "subject_masks": True, "mask_dropout": 0.5, "mask_seed": 0, "query_blending": True}
-_INJECTION = {"strength": 0.8, "start_percent": 0.1, "end_percent": 0.333, "layers": "finest", "anchors": 2,
+# ConsiStory's steps n/10 .. n/3 (3-9 of 30): on the karras schedule those sit at percents 0.076-0.283.
+_INJECTION = {"strength": 0.8, "start_percent": 0.07, "end_percent": 0.3, "layers": "finest", "anchors": 2,
               "correspondence": "two-pass", "feature_timestep": 261.0}
 
 def _spectra_nodes(x: int, top: int, width: int) -> list:
@@ -458,8 +459,8 @@ steps with the karras schedule used here, about 74 % with normal), reads the UNe
 every subject token to an anchor's; then the real sampling runs.
 The progress bar runs twice. single-pass: no first pass, coarser matches, about the cost of one sampling.
 - strength 0.8: an injected token takes 0.8 x the anchor's attention output + 0.2 x its own. 0 turns injection off.
-- start_percent 0.1, end_percent 0.333: fractions of the sampler's STEPS (not of the noise schedule): with 30
-steps, steps 3-9 inject (ConsiStory's n/10 .. n/3).
+- start_percent 0.07, end_percent 0.3: ComfyUI's percents of the noise schedule, as ControlNet's: with 30 karras
+steps, steps 3-9 inject (ConsiStory's n/10 .. n/3; on the normal schedule that is 0.1 to 0.333).
 - layers finest: the self-attention layers on the finest grid (64 x 64 at 1024 px), encoder and decoder.
 - anchors: used only without the attention node; here the attention node's 2 wins.
 - feature_timestep 261: ConsiStory's choice; lower = a longer first pass, sharper but more image-specific features.
@@ -569,7 +570,7 @@ Every lane gets this node's positive, negative and latent, so the prompts are id
 
 _CONSISTORY_LANE_NOTE = _prose("""
 ConsiStory-style lane: Spectral Anchor Attention with subject_masks on (story connected), mask_dropout 0.5,
-query_blending on, no spectra; then Spectral Feature Injection, two-pass, strength 0.8, steps 0.1-0.333 of the run,
+query_blending on, no spectra; then Spectral Feature Injection, two-pass, strength 0.8, percents 0.07-0.3 (steps 3-9),
 finest layers. The knobs are explained in template 4 (ConsiStory baseline).
 """)
 

@@ -129,11 +129,12 @@ def test_injection_changes_only_the_injected_tokens_of_the_cond_chunk_in_the_win
     run(patched, family, cfg=cfg)
     assert len(probe.states) == 1
     state = probe.states[0]
-    assert list(state.window) == [1, 2, 3]  # 0.1 x 10 <= i < 0.333 x 10
+    # 10 normal-schedule steps sit at percents i / 9: 1/9 and 2/9 lie in 0.1..0.333, 3/9 just past it.
+    assert list(state.window) == [1, 2]
     assert all(call["exact"] for call in probe.calls)
     injecting = [call for call in probe.calls if call["changed"]]
     assert injecting, "nothing was injected: the test could not have failed"
-    assert {call["step"] for call in injecting} == {1, 2, 3}
+    assert {call["step"] for call in injecting} == {1, 2}
     assert {call["layer"] for call in injecting} == probe.layers  # encoder and decoder of the finest grid
     assert not any(call["first_pass"] for call in injecting)
     for call in injecting:  # rows of the cond chunk only
@@ -150,7 +151,7 @@ def test_injection_changes_only_the_injected_tokens_of_the_cond_chunk_in_the_win
 
 def test_strength_zero_or_an_empty_window_is_bit_identical_to_attention_only(model, family, reference):
     shared, expected, _ = reference
-    for options in (dict(strength=0.0), dict(start=0.5, end=0.5), dict(start=0.95, end=1.0)):
+    for options in (dict(strength=0.0), dict(start=0.5, end=0.5), dict(start=0.95, end=0.99)):  # no step at 0.95-0.99
         assert torch.equal(run(injection(shared, **options), family), expected), options
 
 

@@ -21,8 +21,8 @@ from spectral_anchors.attention.injection import (
     inject_matched_outputs,
     injection_index,
     nearest_step,
-    window_steps,
 )
+from spectral_anchors.attention.schedule import SigmaWindow, steps_in_window
 
 GRID = (6, 10)  # non-square on purpose
 TOKENS = GRID[0] * GRID[1]
@@ -225,13 +225,13 @@ def test_an_empty_index_is_the_identity():
 
 # --- when ---------------------------------------------------------------------------------------------------------
 
-def test_window_is_consistorys_n_over_10_to_n_over_3():
-    assert list(window_steps(50, 0.1, 0.333)) == list(range(5, 17))
-    assert list(window_steps(50, 0.1, 1 / 3)) == list(range(5, 17))
-    assert list(window_steps(20, 0.1, 0.333)) == [2, 3, 4, 5, 6]
-    assert list(window_steps(10, 0.0, 1.0)) == list(range(10))
-    assert list(window_steps(10, 0.5, 0.5)) == [] and list(window_steps(10, 0.8, 0.2)) == []
-    assert list(window_steps(3, 0.1, 0.333)) == []  # 0.3 <= i < 0.999: no step
+def test_window_steps_are_the_steps_whose_sigma_lies_in_it():
+    schedule = [14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0]
+    assert list(steps_in_window(schedule, SigmaWindow(8.0, 1.0))) == [1, 2, 3, 4]
+    assert list(steps_in_window(schedule, SigmaWindow(1e9, 0.0))) == list(range(6))
+    assert list(steps_in_window(schedule, SigmaWindow(3.0, 2.5))) == []
+    # A KSamplerAdvanced split hands each part the tail of the same schedule: the window stays on the same sigmas.
+    assert list(steps_in_window(schedule[3:], SigmaWindow(8.0, 1.0))) == [0, 1]
 
 
 def test_nearest_step_prefers_the_earlier_step_on_ties():

@@ -190,10 +190,20 @@ def test_dropout_differs_between_grid_sizes():
     assert [k.tolist() for k in one] != [k.tolist() for k in other]
 
 
-def test_record_rejects_a_second_grid_and_bad_dropout():
-    history = SubjectMaskHistory([(1,)], dropout=0.5, seed=0)
-    history.record(0, torch.zeros(1, 1, 6), (2, 3))
-    with pytest.raises(ValueError, match="coarsest grid"):
-        history.record(0, torch.zeros(1, 1, 6), (3, 2))
+def test_a_new_coarsest_grid_restarts_the_history_and_bad_dropout_is_refused():
+    # Deep Shrink: the coarsest grid is 1x2 inside its window and 2x3 after it.
+    generator = torch.Generator().manual_seed(0)
+    history = SubjectMaskHistory([(1,), (2,)], dropout=0.0, seed=0)
+    for step in range(3):
+        history.record(step, torch.rand(2, 1, 2, generator=generator), (1, 2))
+    after = torch.rand(2, 1, 6, generator=generator)
+    after[:, :, :2] += 1.0
+    history.record(3, after, (2, 3))
+    assert history.source_grid == (2, 3)
+    assert history.masks(3, (4, 6)) is None  # nothing of the new grid has closed yet: anchors share all tokens
+    fresh = SubjectMaskHistory([(1,), (2,)], dropout=0.0, seed=0)
+    fresh.record(3, after, (2, 3))
+    assert torch.equal(history.averaged_maps(4), after)
+    assert torch.equal(history.masks(4, (4, 6)), fresh.masks(4, (4, 6)))
     with pytest.raises(ValueError, match="between 0 and 1"):
         SubjectMaskHistory([(1,)], dropout=1.5, seed=0)
