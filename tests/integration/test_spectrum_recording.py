@@ -1,7 +1,7 @@
-"""Spectrum recording on the real ComfyUI: what a plot finds after a run, whatever the prompt looked like then.
+"""Spectrum recording on the real ComfyUI.
 
-A plot added after a run (the sampler's result then comes from ComfyUI's cache) or fed by a linked `layer` finds the
-spectra of the last run; samplers on clones of one patched model keep their own records; and nothing is
+A plot fed by a linked `layer` arms every layer (or the primitive's value); a plot added after a run arms its layer
+for the next run; samplers on clones of one patched model keep their own records; and nothing is
 decomposed for recording when no plot asks for an unfiltered matrix.
 """
 
@@ -49,9 +49,14 @@ def plot_prompt(layer):
     }
 
 
-def test_a_plot_added_after_the_run_draws_it_without_sampling_again(model):
+def test_a_plot_added_after_the_run_arms_its_layer_and_the_next_run_draws(model):
+    # Layers no plot asked for take the batched top-k filter path, which never computes the whole spectrum, so a
+    # plot added after a run has nothing to draw yet: it arms its layer and the next run records it.
     patched = attention(model, key_spectrum=QUARTER, value_spectrum=QUARTER)  # no plot in the prompt
     positive, negative, latent = batch()
+    samples = sample(patched, positive, negative, latent, steps=3)
+    with pytest.raises(ValueError, match="Recording is now on"):
+        SpectralSpectrumPlot.execute(patched, {"samples": samples}, 1, -1)
     samples = sample(patched, positive, negative, latent, steps=3)
     image = SpectralSpectrumPlot.execute(patched, {"samples": samples}, 1, -1).result[0]
     assert image.shape[0] == 1 and image.shape[-1] == 3
@@ -77,7 +82,7 @@ def test_a_linked_layer_arms_every_layer_or_the_primitives_value(model):
 
 
 def test_samplers_on_clones_of_one_patched_model_keep_their_own_records(model):
-    patched = attention(model, value_spectrum=QUARTER)
+    patched = attention(model, plot_prompt(1), value_spectrum=QUARTER)  # a plot of layer 1 downstream
     first, second = patched.clone(), patched.clone()  # e.g. two LoRA loaders after one attention node
     positive, negative, latent = batch(seed=1)
     sample(first, positive, negative, latent, steps=3, seed=1)
