@@ -102,8 +102,9 @@ class SpectralSpectrumPlot(io.ComfyNode):
             raise ValueError(f"Spectral Spectrum Plot: nothing was recorded at layer {layer} in the last sampling run "
                              "of this model. Either sharing never ran there, or this plot was not in the prompt when "
                              "Spectral Anchor Attention ran (only the layers a plot asks for are decomposed in "
-                             "full; the others take the fast filter path). Recording is now on for this layer: queue again (if the sampler's result comes "
-                             "from ComfyUI's cache, change any sampler setting).")
+                             "full; the others take the fast filter path). Recording is now on for this layer: "
+                             "queue again (if the sampler's result comes from ComfyUI's cache, change any sampler "
+                             "setting).")
         chosen = max(steps) if step < 0 else step
         if chosen not in steps:
             raise ValueError(f"Spectral Spectrum Plot, input 'step': step {step} did not share. Steps with data: "
