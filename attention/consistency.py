@@ -25,8 +25,9 @@ from torch import Tensor
 
 
 def normalized(embeddings: Tensor) -> Tensor:
-    """Rows scaled to unit L2 norm, in float64 (an all-zero row stays zero)."""
-    embeddings = embeddings.double().flatten(1)
+    """Rows scaled to unit L2 norm, in float64 on the CPU (an all-zero row stays zero). Embeddings are small, and
+    devices such as Apple MPS have no float64."""
+    embeddings = embeddings.detach().to("cpu", torch.float64).flatten(1)
     return embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
@@ -37,7 +38,7 @@ def mean_direction(embeddings: Tensor) -> Tensor:
 
 def cosine_to(embeddings: Tensor, target: Tensor) -> Tensor:
     """Cosine similarity of every row with one vector; 0 where either is all zero."""
-    target = target.double().flatten()
+    target = target.detach().to("cpu", torch.float64).flatten()
     target = target / target.norm().clamp_min(1e-300)
     return normalized(embeddings) @ target
 
