@@ -29,15 +29,9 @@ IMAGES, ANCHORS, CHUNKS = 4, 2, 2
 # (tokens, channels, heads) of SDXL's self-attention at 1024x1024, and the smoke test's stand-ins.
 FULL_LAYERS = ((4096, 640, 10), (1024, 1280, 20))
 SMOKE_LAYERS = ((256, 64, 2), (64, 128, 4))
-# The SDXL base UNet (as tests/e2e/build_sdxl_checkpoint.py builds it) and the smoke test's tiny one.
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+# The SDXL base UNet, defined once beside the checkpoint builder (a plain-Python module: no ComfyUI import).
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from build_sdxl_checkpoint import SDXL_UNET  # noqa: E402
 
 
 def boot(device: torch.device) -> None:
