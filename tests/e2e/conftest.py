@@ -1,5 +1,5 @@
 """End-to-end fixtures: one real ComfyUI server per test session (temporary base directory, free port, SIGTERM
-at the end) and one headless-Chromium page on the real frontend per test module. See e2e_support.py.
+at the end) and one headless Chromium with one page on the real frontend per test module. See e2e_support.py.
 
 rendered_page runs a test in each of the frontend's two renderers (classic canvas, Vue "Nodes 2.0") with the
 pinned frontend and with the newest comfyui-frontend-package from PyPI (a second server, started only when such a
@@ -83,8 +83,10 @@ def rendered_page(request: pytest.FixtureRequest, browser_context: object,
         server.request(f"/settings/{VUE_NODES_SETTING}", False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One Chromium per test module. Playwright's sync API keeps an asyncio loop running in this thread while it
+    is open, so a longer-lived browser would break every later test that runs ComfyUI's executor (asyncio.run)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
