@@ -516,6 +516,8 @@ class TopkResult:
     filtered: Tensor  # [n, T, C], x's working dtype
     basis: Tensor  # [n, m, p] right vectors of the short side, for the next step's warm start
     converged: Tensor  # [n] bool: the residual check passed and the kept count was determined
+    before: Tensor  # [n, r] the block's certified leading Ritz values, then NaN (not computed)
+    after: Tensor  # [n, r] the same after the chain (dropped values 0)
 
 
 def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]], block: int,
@@ -545,7 +547,16 @@ def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, 
     filtered = torch.where(finite[:, None, None], filtered, original.to(filtered.dtype))
     # A non-finite matrix passes through untouched, which is the definition's answer too: converged.
     converged = (known & certified) | ~finite
-    return TopkResult(filtered=filtered, basis=top.right, converged=converged)
+    # The values worth reporting: the leading Ritz values up to the first whose residual check fails (those
+    # after it are lower bounds still converging, not singular values).
+    trusted = (top.residual <= top.tolerance[:, None]).int().cumprod(-1).bool()
+    before = torch.full((work.shape[0], r), float("nan"), dtype=top.values.dtype, device=work.device)
+    before[:, :block] = torch.where(trusted, top.values, torch.full_like(top.values, float("nan")))
+    before = torch.where(finite[:, None], before, torch.full_like(before, float("nan")))
+    after = before.clone()
+    after[:, :block] = torch.where(kept, top.values, torch.zeros_like(top.values)).where(trusted, before[:, :block])
+    after = torch.where(finite[:, None], after, before)
+    return TopkResult(filtered=filtered, basis=top.right, converged=converged, before=before, after=after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +724,18 @@ class SolverState:
         self.full_slots.clear()
 
 
+@dataclass(frozen=True)
+class FilteredGroup:
+    """One group's result: the filtered matrices (input shape and dtype) and the singular values the filter
+    computed on the way, before and after its chain, [n, r] descending, or None when nothing was decomposed
+    (identity, or a chain that keeps everything). The iterative solver computes only leading values (those whose
+    residual check passed): the rest are NaN."""
+
+    x: Tensor
+    before: Tensor | None = None
+    after: Tensor | None = None
+
+
 def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverState | None = None,
                   slot: object = None, allow_float64: bool | None = None) -> list[Tensor]:
     """Filter several [n_i, T, C] groups, each with its own chain (None = unchanged), in as few batched
@@ -723,21 +746,27 @@ def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverSta
     is read on the host: the flags go to state.pending and the caller settles them once per model call, redoing
     the call if any failed; the right bases are kept for the next step's warm start under `slot`.
     """
-    results: list[Tensor | None] = [None] * len(groups)
+    return [group.x for group in filter_groups_with_values(groups, state, slot, allow_float64)]
+
+
+def filter_groups_with_values(groups: list[tuple[Spectrum | None, Tensor]], state: SolverState | None = None,
+                              slot: object = None, allow_float64: bool | None = None) -> list[FilteredGroup]:
+    """filter_groups, keeping the singular values each group's decomposition produced (for recording)."""
+    results: list[FilteredGroup | None] = [None] * len(groups)
     routes: dict[str, list[int]] = {"topk": [], "full": []}
     blocks = []
     for index, (spectrum, x) in enumerate(groups):
         if spectrum is None or spectrum.is_identity:
-            results[index] = x
+            results[index] = FilteredGroup(x)
             continue
         _check_matrices(x)
         r = min(x.shape[-2], x.shape[-1])
         if x.numel() == 0:
-            results[index] = x.clone()
+            results[index] = FilteredGroup(x.clone())
         elif spectrum.method == "lowrank":
-            results[index] = spectrum._filter_lowrank(x)[0]
+            results[index] = FilteredGroup(*spectrum._filter_lowrank(x))
         elif keeps_everything(spectrum.steps, r):
-            results[index] = x
+            results[index] = FilteredGroup(x)
         else:
             block = topk_block(spectrum.steps, r)
             if block is None or (state is not None and slot in state.full_slots):
@@ -750,7 +779,7 @@ def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverSta
     if len(shapes) > 1 or len(dtypes) > 1:
         # Different shapes or dtypes cannot share one batch: each group alone (still no host sync).
         for index in routes["topk"] + routes["full"]:
-            results[index] = filter_groups([groups[index]], state, (slot, index), allow_float64)[0]
+            results[index] = filter_groups_with_values([groups[index]], state, (slot, index), allow_float64)[0]
         return results
     for route, members in routes.items():
         if not members:
@@ -760,7 +789,7 @@ def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverSta
         float64 = device_has_float64(stacked.device) if allow_float64 is None else allow_float64
         work = _work_copy(stacked)
         if route == "full":
-            filtered = _filter_full(work, stacked, chains, float64)[0]
+            filtered, before, after = _filter_full(work, stacked, chains, float64)
         else:
             block = max(blocks)
             start = None
@@ -769,7 +798,7 @@ def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverSta
                 if previous is not None and previous.shape == (work.shape[0], r_side(work), block):
                     start = previous
             result = _filter_topk(work, stacked, chains, block, start, float64)
-            filtered = result.filtered
+            filtered, before, after = result.filtered, result.before, result.after
             if state is not None:
                 state.bases[slot] = result.basis.detach()
                 state.pending.append((slot, result.converged))
@@ -777,13 +806,17 @@ def filter_groups(groups: list[tuple[Spectrum | None, Tensor]], state: SolverSta
                 redo = ~result.converged
                 if bool(redo.any()):
                     # Not certified: the full decomposition decides for those matrices (never a silent approximation).
-                    full = _filter_full(work[redo], stacked[redo], _rows_of(chains, redo), float64)[0]
-                    filtered = filtered.clone()
+                    full, full_before, full_after = _filter_full(work[redo], stacked[redo], _rows_of(chains, redo),
+                                                                 float64)
+                    filtered, before, after = filtered.clone(), before.clone(), after.clone()
                     filtered[redo] = full
+                    before[redo] = full_before.to(before.dtype)
+                    after[redo] = full_after.to(after.dtype)
         offset = 0
         for i in members:
             rows = groups[i][1].shape[0]
-            results[i] = filtered[offset:offset + rows].to(groups[i][1].dtype)
+            part = slice(offset, offset + rows)
+            results[i] = FilteredGroup(filtered[part].to(groups[i][1].dtype), before[part], after[part])
             offset += rows
     return results
 

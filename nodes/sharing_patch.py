@@ -18,7 +18,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..attention.schedule import SigmaWindow
 from ..attention.sharing import shared_attention
-from ..attention.spectrum import SolverState, filter_groups
+from ..attention.spectrum import SolverState, filter_groups_with_values
 from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
 from .sampling_run import call_of, run_of, track_sampling_runs
 from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
@@ -129,7 +129,7 @@ def _make_block_patch(plan: SharingPlan, window: SigmaWindow, block: tuple[str, 
                 return attend(q, k, v)  # the plain forward of query blending
             q = blended_queries(extra_options, layer, q)
         # Layers a plot asked for are decomposed fully so the plot sees every singular value; the others take
-        # the batched filter path (iterative top-k where the chain allows), which records nothing.
+        # the batched filter path (iterative top-k where the chain allows), which records the values it computes.
         keys_filter, values_filter, pair_filter = key_filter, value_filter, None
         cond_or_uncond = extra_options["cond_or_uncond"]
         if recorder.wants(layer_index):
@@ -137,7 +137,11 @@ def _make_block_patch(plan: SharingPlan, window: SigmaWindow, block: tuple[str, 
             values_filter = recorder.recording_filter(value_filter, "V", layer_index, call, cond_or_uncond)
         elif key_filter is not None or value_filter is not None:
             slot = (layer_index, tuple(cond_or_uncond))
-            pair_filter = _pair_filter(key_filter, value_filter, _solver_state(call), slot)
+
+            def keep(kind, spectrum, before, after):
+                recorder.keep(kind, spectrum, layer_index, call, cond_or_uncond, before, after)
+
+            pair_filter = _pair_filter(key_filter, value_filter, _solver_state(call), slot, keep)
         anchor_keep = subject_anchor_keep(plan.anchor_count, q, extra_options) if plan.subject_masks else None
         return shared_attention(q, k, v, chunk_count=len(cond_or_uncond),
                                 anchor_count=plan.anchor_count, attend=attend,
@@ -161,12 +165,17 @@ def _solver_state(call) -> SolverState | None:
     return call.run.scratch.setdefault(SOLVER_KEY, SolverState())
 
 
-def _pair_filter(key_filter, value_filter, state: SolverState | None, slot):
+def _pair_filter(key_filter, value_filter, state: SolverState | None, slot, keep):
     """K and V of all anchors and chunks of one layer call, filtered in as few batched decompositions as their
-    chains allow, with no host sync; convergence is settled by _settle_spectra once per model call."""
+    chains allow, with no host sync; convergence is settled by _settle_spectra once per model call. The singular
+    values the decompositions computed go to keep(kind, spectrum, before, after) for the spectrum plot."""
 
     def filter_both(keys, values):
-        return tuple(filter_groups([(key_filter, keys), (value_filter, values)], state=state, slot=slot))
+        filtered_keys, filtered_values = filter_groups_with_values([(key_filter, keys), (value_filter, values)],
+                                                                   state=state, slot=slot)
+        keep("K", key_filter, filtered_keys.before, filtered_keys.after)
+        keep("V", value_filter, filtered_values.before, filtered_values.after)
+        return filtered_keys.x, filtered_values.x
 
     return filter_both
 

@@ -39,8 +39,16 @@ def _draw_panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str, befo
     plot_left, plot_top = left + MARGIN_LEFT, top + MARGIN_TOP
     plot_right, plot_bottom = left + PANEL_WIDTH - MARGIN_RIGHT, top + PANEL_HEIGHT - MARGIN_BOTTOM
     before, after = before.double(), after.double()
+    total = before.numel()
+    # NaN marks values that were not computed: the iterative solver's tail, or a matrix with non-finite entries.
+    known = torch.isfinite(before) & torch.isfinite(after)
+    before, after = before[known], after[known]
     peak = float(torch.cat([before, after]).max()) if before.numel() else 0.0
     draw.text((left + 10, top + 8), title, fill=TEXT_COLOUR, font=ImageFont.load_default(size=15))
+    if total and not before.numel():
+        draw.text((plot_left, plot_top + 40), "no spectrum: the matrix held non-finite values", fill=TEXT_COLOUR,
+                  font=font)
+        return
     if peak <= 0.0:
         draw.text((plot_left, plot_top + 40), "all singular values are zero", fill=TEXT_COLOUR, font=font)
         return
@@ -68,7 +76,10 @@ def _draw_panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str, befo
     draw.rectangle([plot_left, plot_top, plot_right, plot_bottom], outline=AXIS_COLOUR)
     draw.text(((plot_left + plot_right) / 2, plot_bottom + 24), "index of singular value", fill=TEXT_COLOUR,
               font=font, anchor="ma")
-    draw.text((left + 10, top + 32), "singular value (log scale)", fill=TEXT_COLOUR, font=font)
+    axis_label = "singular value (log scale)"
+    if before.numel() < total:
+        axis_label += f"; the leading {before.numel()} of {total}, all the fast solver computes"
+    draw.text((left + 10, top + 32), axis_label, fill=TEXT_COLOUR, font=font)
     for values, colour, width in ((before, BEFORE_COLOUR, 3), (after, AFTER_COLOUR, 2)):
         points = [(x_of(i), y_of(float(v))) for i, v in enumerate(values.tolist())]
         if len(points) == 1:
@@ -77,7 +88,7 @@ def _draw_panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str, befo
     kept = int((after > floor).sum())
     legend_x, legend_y = plot_right - 170, plot_top + 8
     for offset, (label, colour) in enumerate((("before filtering", BEFORE_COLOUR),
-                                              (f"after ({kept} of {count} kept)", AFTER_COLOUR))):
+                                              (f"after ({kept} of {total} kept)", AFTER_COLOUR))):
         y = legend_y + 18 * offset
         draw.line([(legend_x, y + 7), (legend_x + 22, y + 7)], fill=colour, width=3)
         draw.text((legend_x + 28, y), label, fill=TEXT_COLOUR, font=font)

@@ -69,8 +69,10 @@ class SpectralSpectrumPlot(io.ComfyNode):
                 "Plots the singular values of each anchor's keys (K) and values (V) at one layer and step, before and "
                 "after the spectrum filters, on a log scale. Connect the patched model and the sampler's output "
                 "latent (which makes the plot run after sampling), and send the image to Preview Image. Filtered "
-                "keys and values are recorded in every run (their filter decomposes them anyway); unfiltered ones "
-                "only on the layers a plot asks for."
+                "keys and values are recorded in every run, so a plot added after a run draws it at once: their "
+                "filter decomposes them anyway (on layers no plot was connected to while sampling, the fast solver "
+                "computes only the leading values, and the plot shows those). Unfiltered ones are decomposed only "
+                "for plots that are in the prompt while sampling runs."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model coming out of Spectral Anchor Attention (LoRAs or other "
@@ -100,11 +102,10 @@ class SpectralSpectrumPlot(io.ComfyNode):
         if not steps:
             recorder.arm(layer)
             raise ValueError(f"Spectral Spectrum Plot: nothing was recorded at layer {layer} in the last sampling run "
-                             "of this model. Either sharing never ran there, or this plot was not in the prompt when "
-                             "Spectral Anchor Attention ran (only the layers a plot asks for are decomposed in "
-                             "full; the others take the fast filter path). Recording is now on for this layer: "
-                             "queue again (if the sampler's result comes from ComfyUI's cache, change any sampler "
-                             "setting).")
+                             "of this model. Either sharing never ran there, or neither keys nor values are filtered "
+                             "and this plot was not in the prompt when Spectral Anchor Attention ran (unfiltered "
+                             "matrices are decomposed only for plots that are). Recording is now on for this layer: "
+                             "sample again (ComfyUI reuses a cached sampler result until one of its inputs changes).")
         chosen = max(steps) if step < 0 else step
         if chosen not in steps:
             raise ValueError(f"Spectral Spectrum Plot, input 'step': step {step} did not share. Steps with data: "

@@ -2,8 +2,10 @@
 
 A SpectrumRecorder rides on the patched MODEL clone (every clone made from it shares it). What it records:
 - For a filtered matrix kind (K or V with a key_spectrum / value_spectrum), always: the filter decomposes the
-  anchors' matrices anyway, and its singular values before and after are kept. A plot added after a run, or one
-  whose `layer` is linked, therefore finds the last run's spectra without sampling again.
+  anchors' matrices anyway, and its singular values before and after are kept (on the layers no plot asked for,
+  the fast path's values: all of them from the full decomposition, the leading block from the iterative solver,
+  NaN beyond it). A plot added after a run, or one whose `layer` is linked, therefore finds the last run's
+  spectra without sampling again.
 - For an unfiltered kind, only on the layers a plot asks for (armed): that needs a decomposition of its own. The
   attention node arms the layers of the plots it finds downstream in the prompt (all layers when a plot's layer is
   linked); a plot that finds nothing arms its layer for the next sampling.
@@ -104,9 +106,6 @@ class SpectrumRecorder:
             return spectrum
         if spectrum is None and not self.wants(layer_index):
             return spectrum
-        spectra = self._run_spectra(call.run)
-        cond_chunk = cond_or_uncond.index(0)
-        spectra.filters[kind] = repr(spectrum) if spectrum is not None else "none"
         svd_on_device = self.svd_on_device
 
         def record(x: Tensor) -> Tensor:
@@ -115,14 +114,25 @@ class SpectrumRecorder:
                 before = after = singular_values(x, on_device=svd_on_device)
             else:
                 filtered, before, after = spectrum.filter_with_values(x)
-            anchors = x.shape[0] // len(cond_or_uncond)
-            rows = slice(cond_chunk * anchors, (cond_chunk + 1) * anchors)
-            step = spectra.records.setdefault(layer_index, {}).setdefault(call.step, StepSpectra())
-            step.before[kind] = before[rows].detach().float()
-            step.after[kind] = after[rows].detach().float()
+            self.keep(kind, spectrum, layer_index, call, cond_or_uncond, before, after)
             return filtered
 
         return record
+
+    def keep(self, kind: str, spectrum, layer_index: int, call, cond_or_uncond: list[int],
+             before: Tensor | None, after: Tensor | None) -> None:
+        """Keep the cond chunk's anchor rows of singular values a filter computed, [chunks * anchors, r] in
+        cond_or_uncond's order; nothing outside a sampling run, for uncond-only calls, or without values."""
+        if before is None or after is None or call is None or call.run is None or 0 not in cond_or_uncond:
+            return
+        spectra = self._run_spectra(call.run)
+        spectra.filters[kind] = repr(spectrum) if spectrum is not None else "none"
+        anchors = before.shape[0] // len(cond_or_uncond)
+        cond_chunk = cond_or_uncond.index(0)
+        rows = slice(cond_chunk * anchors, (cond_chunk + 1) * anchors)
+        step = spectra.records.setdefault(layer_index, {}).setdefault(call.step, StepSpectra())
+        step.before[kind] = before[rows].detach().float()
+        step.after[kind] = after[rows].detach().float()
 
 
 def recorder_of(model_patcher) -> SpectrumRecorder | None:

@@ -732,15 +732,15 @@ before the filters (grey-blue) and after (orange), largest first, on a log scale
 to the floor of the plot.
 
 Wiring: each plot takes its model from Spectral Anchor Attention (what it records on) and its samples from the
-KSampler (which makes it run after sampling). Recording happens only for the layers a plot asks for; without a
-plot it costs nothing.
+KSampler (which makes it run after sampling). The layers a plot asks for are decomposed in full; every other
+layer keeps the values its filter computes anyway, so a plot added after a run draws at once (the leading values
+only, where the fast solver computed no more) and without a plot nothing extra is computed.
 
 Reading it:
 - A steep drop after the first few values: a few directions dominate; truncating there keeps most of the anchor.
 - The orange curve ending early is a truncation (K at 5 % of its values; V wherever energy 0.95 is reached).
 - An orange curve flatter than the grey one is the log_squared reweighting.
-- If a plot says nothing was recorded, its result came from ComfyUI's cache: change the seed or any sampler
-setting and queue again.
+- Plots added after a run show the leading values; queue with the plots connected to see every value.
 
 Choose your SDXL checkpoint and queue; the images and both plots appear in the Preview Image nodes (nothing is
 written to output/; swap in Save Image to keep them).

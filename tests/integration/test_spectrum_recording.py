@@ -1,8 +1,9 @@
 """Spectrum recording on the real ComfyUI.
 
-A plot fed by a linked `layer` arms every layer (or the primitive's value); a plot added after a run arms its layer
-for the next run; samplers on clones of one patched model keep their own records; and nothing is
-decomposed for recording when no plot asks for an unfiltered matrix.
+Filtered keys and values are recorded in every run, so a plot added after a run draws at once (the fast solver's
+leading values where it computes no more); a plot fed by a linked `layer` arms every layer (or the primitive's value)
+for full spectra; samplers on clones of one patched model keep their own records; and nothing is decomposed for
+recording when no plot asks for an unfiltered matrix.
 """
 
 from __future__ import annotations
@@ -49,21 +50,63 @@ def plot_prompt(layer):
     }
 
 
-def test_a_plot_added_after_the_run_arms_its_layer_and_the_next_run_draws(model):
-    # Layers no plot asked for take the batched top-k filter path, which never computes the whole spectrum, so a
-    # plot added after a run has nothing to draw yet: it arms its layer and the next run records it.
-    patched = attention(model, key_spectrum=QUARTER, value_spectrum=QUARTER)  # no plot in the prompt
+def test_a_plot_added_after_the_run_draws_the_filtered_spectra_at_once(model):
+    # No plot in the prompt: every layer takes the batched filter path, which keeps the values it computes, so a
+    # plot added afterwards draws without sampling again (ComfyUI would serve the sampler from its cache).
+    patched = attention(model, key_spectrum=QUARTER, value_spectrum=QUARTER)
     positive, negative, latent = batch()
-    samples = sample(patched, positive, negative, latent, steps=3)
-    with pytest.raises(ValueError, match="Recording is now on"):
-        SpectralSpectrumPlot.execute(patched, {"samples": samples}, 1, -1)
-    samples = sample(patched, positive, negative, latent, steps=3)
+    with Decompositions() as decompositions:
+        samples = sample(patched, positive, negative, latent, steps=3)
     image = SpectralSpectrumPlot.execute(patched, {"samples": samples}, 1, -1).result[0]
     assert image.shape[0] == 1 and image.shape[-1] == 3
-    spectra = recorder_of(patched).spectra_for(patched).records[1][2]
-    kept = int((spectra.after["V"] > 1e-6 * spectra.after["V"].max()).sum(dim=1).max())
-    assert kept == -(-spectra.before["V"].shape[1] // 4)
-    assert spectra.before["V"].device.type == "cpu"
+    recorder = recorder_of(patched)
+    assert not recorder.armed_layers
+    spectra = recorder.spectra_for(patched).records[1][2]
+    for kind in ("K", "V"):
+        before, after = spectra.before[kind], spectra.after[kind]
+        assert before.shape[0] == 2 and before.device.type == "cpu"
+        assert torch.isfinite(before).all()  # these small matrices take the full decomposition: every value
+        kept = (after > 1e-6 * after.max()).sum(dim=1)
+        assert kept.tolist() == [-(-before.shape[1] // 4)] * 2
+    # Recording added no decomposition: one per layer call that shares (2 chunk layouts x 2 steps x 4 layers at
+    # most), K and V batched together.
+    assert decompositions.count <= 2 * 2 * len(recorder.layer_keys)
+
+
+def test_the_fast_solver_records_its_block_and_a_fallback_the_whole_spectrum(model, caplog):
+    # decoder+middle on a 40 x 40 latent: the middle layer sees 10 x 10 tokens of 128 channels, where fixed 1 takes
+    # the iterative top-k solver (a block of 17 of 100 values). The tiny random UNet's keys have a flat spectrum, so
+    # a solve may fail its residual check: the model call is then redone with the full decomposition, whose values
+    # (all of them) are what the run records for that step.
+    node = SpectralAnchorAttention.PREPARE_CLASS_CLONE({io.Hidden.prompt: {}, io.Hidden.unique_id: "3"})
+    first = Spectrum().then(Truncate("fixed", 1))
+    patched = SpectralAnchorAttention.execute.__func__(node, model, 2, "decoder+middle", 0.01, 1.0,
+                                                       key_spectrum=first).result[0]
+    assert first.uses_topk(100, 128)
+    positive, negative = conditioning("sdxl", 3, 1), conditioning("sdxl", 1, 99)
+    with caplog.at_level("INFO"):
+        samples = sample(patched, positive, negative, torch.zeros(3, 4, 40, 40), steps=3)
+    assert "did not converge; redoing the model call" in caplog.text
+    recorder = recorder_of(patched)
+    assert recorder.layer_keys[0][0] == "middle"
+    routes = {}
+    for step, spectra in recorder.spectra_for(patched).records[0].items():
+        before, after = spectra.before["K"], spectra.after["K"]
+        assert before.shape == (2, 100)
+        computed = torch.isfinite(before).sum(dim=1)
+        for row, count in enumerate(computed.tolist()):  # a leading block, NaN after it
+            assert torch.isnan(before[row, count:]).all() and torch.isfinite(after[row, :count]).all()
+        assert ((after > 0).sum(dim=1) == 1).all() and torch.equal(after[:, 0], before[:, 0])
+        assert "V" not in spectra.before  # unfiltered and no plot asked: not decomposed
+        routes[step] = "full" if (computed == 100).all() else "topk"
+        assert routes[step] == "full" or (computed <= 17).all()
+    # This seed's run has both: step 1's cold solve is certified (the certified leading values of its block of 17
+    # recorded, the rest NaN); step 2's warm one is not, and the redone call's full decomposition records all 100.
+    assert routes == {1: "topk", 2: "full"}
+    assert torch.isfinite(samples).all()
+    for step in (1, 2):
+        image = SpectralSpectrumPlot.execute(patched, {"samples": samples}, 0, step).result[0]
+        assert image.shape[0] == 1 and float(image.std()) > 0
 
 
 def test_a_linked_layer_arms_every_layer_or_the_primitives_value(model):

@@ -22,6 +22,7 @@ from spectral_anchors.attention.spectrum import (
     Spectrum,
     Truncate,
     filter_groups,
+    filter_groups_with_values,
     topk_block,
 )
 
@@ -300,3 +301,35 @@ def test_the_layer_filter_path_never_synchronises_with_the_host():
 
 def _attend(q, k, v):
     return torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), -1) @ v
+
+
+@pytest.mark.parametrize("route", ["topk", "full"])
+def test_filtering_keeps_the_singular_values_it_computed(route):
+    # What the spectrum plot draws for layers no plot asked for: the values the filter's own decomposition made.
+    values = spectra(CHANNELS, KEEP)["clean gap"]
+    x = torch.cat([matrix_with_spectrum(values, TOKENS, CHANNELS, seed) for seed in (1, 2)])
+    spectrum = QUANTILE if route == "topk" else Spectrum((Reweight("log"), Truncate("quantile", 0.05)))
+    assert spectrum.uses_topk(TOKENS, CHANNELS) is (route == "topk")
+    (group,) = filter_groups_with_values([(spectrum, x)])
+    assert torch.equal(group.x, filter_groups([(spectrum, x)])[0])
+    exact = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    for row in range(2):
+        computed = int(torch.isfinite(group.before[row]).sum())
+        if route == "topk":  # the certified leading values of the block, then NaN
+            assert KEEP <= computed <= topk_block(spectrum.steps, CHANNELS) < CHANNELS
+            assert torch.isnan(group.before[row, computed:]).all() and torch.isnan(group.after[row, computed:]).all()
+        else:
+            assert computed == CHANNELS
+        before = group.before[row, :computed].double()
+        assert torch.allclose(before, exact[:computed], rtol=1e-5, atol=1e-5 * exact[0])
+        kept = group.after[row, :computed] > 0
+        assert int(kept.sum()) == KEEP and bool(kept[:KEEP].all())
+        if route == "topk":
+            assert torch.equal(group.after[row, :KEEP], group.before[row, :KEEP])
+
+
+def test_groups_that_decompose_nothing_report_no_values():
+    x = torch.randn(2, 64, 32)
+    identity, everything = filter_groups_with_values([(None, x), (Spectrum((Truncate("quantile", 1.0),)), x)])
+    assert identity.x is x and everything.x is x
+    assert identity.before is None and everything.before is None and everything.after is None
