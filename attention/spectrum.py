@@ -520,16 +520,20 @@ class TopkResult:
     after: Tensor  # [n, r] the same after the chain (dropped values 0)
 
 
-def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]], block: int,
+def _filter_topk(work: Tensor, chains: list[tuple[tuple[Step, ...], int]], block: int,
                  start: Tensor | None, allow_float64: bool) -> TopkResult:
     """Pure truncation chains by the iterative solver: X V_k V_k^T from the certified top-k pairs. No host sync."""
     tall = work.shape[-2] >= work.shape[-1]
     r = min(work.shape[-2], work.shape[-1])
-    total = torch.linalg.vector_norm(work, dim=(-2, -1), dtype=torch.float64 if allow_float64 else work.dtype)
-    total = total.square()
+    # ||X||_F^2 from the rows' norms: one read of X and no full-size temporary (an [n, T, C] copy costs about
+    # as much as a product with the block here). Row norms in the working dtype are accurate to u relative, and
+    # accumulating them in float64 keeps the energy fractions exact to that level.
+    total = torch.linalg.vector_norm(work, dim=-1).to(torch.float64 if allow_float64 else work.dtype).square()
+    total = total.sum(-1)
     finite = torch.isfinite(total)
-    clean = torch.where(finite[:, None, None], work, torch.zeros_like(work))
-    rows = clean if tall else clean.mT
+    # A non-finite matrix is not cleaned here (that would copy X): the solver keeps its NaN inside that matrix's
+    # own products and small problems, and its result is replaced by the input below.
+    rows = work if tall else work.mT
     top = topk.top_singular(rows, block, start=start, allow_float64=allow_float64)
     counts, determined = [], []
     offset = 0
@@ -541,10 +545,13 @@ def _filter_topk(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, 
     count, known = torch.cat(counts), torch.cat(determined)
     kept = torch.arange(block, device=work.device) < count[:, None]
     certified = ((top.residual <= top.tolerance[:, None]) | ~kept).all(-1)
-    mask = kept.to(work.dtype)
-    rebuilt = (top.projected * mask.unsqueeze(-2)) @ top.right.mT
-    filtered = rebuilt if tall else rebuilt.mT
-    filtered = torch.where(finite[:, None, None], filtered, original.to(filtered.dtype))
+    # X V_k V_k^T, built in X's own layout (for wide X: right holds its left vectors, projected X^T U).
+    mask = kept.to(work.dtype).unsqueeze(-2)
+    if tall:
+        filtered = (top.projected * mask) @ top.right.mT
+    else:
+        filtered = (top.right * mask) @ top.projected.mT
+    filtered = torch.where(finite[:, None, None], filtered, work, out=filtered)
     # A non-finite matrix passes through untouched, which is the definition's answer too: converged.
     converged = (known & certified) | ~finite
     # The values worth reporting: the leading Ritz values up to the first whose residual check fails (those
@@ -797,7 +804,7 @@ def filter_groups_with_values(groups: list[tuple[Spectrum | None, Tensor]], stat
                 previous = state.bases.get(slot)
                 if previous is not None and previous.shape == (work.shape[0], r_side(work), block):
                     start = previous
-            result = _filter_topk(work, stacked, chains, block, start, float64)
+            result = _filter_topk(work, chains, block, start, float64)
             filtered, before, after = result.filtered, result.before, result.after
             if state is not None:
                 state.bases[slot] = result.basis.detach()

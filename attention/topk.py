@@ -1,10 +1,11 @@
 """The top singular triplets of a batch of matrices by two-sided subspace iteration, with a residual check.
 
 Used for truncation chains that keep few values: computing the p << r leading singular pairs costs a few
-[T, C] x [C, p] products instead of a Gram matrix and a dense eigensolver (latency-bound on a GPU). Every
-product is with X itself, never with a squared Gram matrix, and every orthonormalisation and the final
-Rayleigh-Ritz step run on small p x p problems in float64 where the device has it. So rounding enters at the
-level of X (unit roundoff u x ||X||), as in a backward-stable SVD, not at the level of X^T X (u x ||X||^2).
+[T, C] x [C, p] products instead of a dense eigensolver (latency-bound on a GPU). From scratch, the block first
+iterates on the Gram matrix X^T X (cheap products); the iterations that follow, the residuals and the final
+Rayleigh-Ritz step work with X itself, orthonormalise by Householder QR (backward stable column by column) and
+solve the small p x p problem in float64 where the device has it. So rounding in the result enters at the level
+of X (unit roundoff u x ||X||), as in a backward-stable SVD, not at the level of X^T X (u x ||X||^2).
 
 The result is certified, not assumed: each Ritz pair's residual ||X^T u_i - s_i v_i|| is returned, and the
 caller accepts the pairs only when the residual is below RESIDUAL_TOLERANCE x u x s_1; by the gap theorems
@@ -33,6 +34,8 @@ WARM_ITERATIONS = 2
 GRAM_ITERATIONS = 10
 # Columns beyond the values kept: the convergence factor per iteration is (s_{p+1} / s_k)^2.
 MIN_OVERSAMPLING = 16
+# The Gram matrix is built from this many column blocks, only those on and above the diagonal multiplied.
+GRAM_COLUMN_BLOCKS = 4
 # The iteration pays off only when the block is a small part of the spectrum.
 MAX_BLOCK_FRACTION = 0.25
 START_SEED = 0
@@ -67,19 +70,33 @@ def _small_dtype(work_dtype: torch.dtype, allow_float64: bool) -> torch.dtype:
     return torch.float64 if allow_float64 else work_dtype
 
 
-def _orthonormal(y: Tensor, small: torch.dtype) -> Tensor:
-    """Orthonormal columns spanning y [n, L, p] (SVQB): y W diag(lambda)^-1/2 from the eigenvectors of y^T y.
+def _finite(small: Tensor) -> Tensor:
+    # A matrix with NaN or inf entries is carried through its own products unchanged (the caller replaces its
+    # result); only the small eigenproblem and SVD, iterative solvers that could fail on them, must not see them.
+    return torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
 
-    Robust to rank deficiency, unlike Cholesky-QR: directions whose Gram eigenvalue is below the rounding floor
-    become zero columns (they carry nothing; the Rayleigh-Ritz step gives them value zero).
+
+def _orthonormal(y: Tensor) -> Tensor:
+    """Orthonormal columns spanning y [n, L, p] by a Householder QR in y's own dtype.
+
+    Householder QR is backward stable column by column (Q R = y + E with ||e_j|| <= c u ||y_j||), so the span
+    is as accurate as y's columns themselves whatever their conditioning: the iteration's columns have norms
+    spread like the singular values, which scaled or Gram-based orthonormalisation would have to repair. A
+    rank-deficient y still gives orthonormal columns; the directions it lacks carry Ritz value zero. (NaN in y
+    only propagates through the reflections of its own matrix: QR has no iteration that could fail.)
     """
-    wide = y.to(small)
-    gram = wide.mT @ wide
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    floor = y.shape[-1] * torch.finfo(small).eps * eigenvalues[..., -1:].clamp_min(0)
-    keep = eigenvalues > floor.clamp_min(torch.finfo(small).tiny)
-    scale = torch.where(keep, eigenvalues.clamp_min(torch.finfo(small).tiny).rsqrt(), torch.zeros_like(eigenvalues))
-    return (wide @ (eigenvectors * scale.unsqueeze(-2))).to(y.dtype)
+    return torch.linalg.qr(y).Q
+
+
+def _gram(x: Tensor) -> Tensor:
+    """x^T x for x [n, L, m], multiplying only the column blocks on and above the diagonal (G is symmetric)."""
+    size = x.shape[-1]
+    edges = [size * block // GRAM_COLUMN_BLOCKS for block in range(GRAM_COLUMN_BLOCKS + 1)]
+    gram = torch.empty(x.shape[0], size, size, dtype=x.dtype, device=x.device)
+    for low, high in zip(edges, edges[1:], strict=False):
+        gram[:, low:high, low:] = x[..., low:high].mT @ x[..., low:]
+        gram[:, high:, low:high] = gram[:, low:high, high:].mT
+    return gram
 
 
 def _start_block(matrix_count: int, size: int, block: int, like: Tensor) -> Tensor:
@@ -97,34 +114,34 @@ def top_singular(x: Tensor, block: int, start: Tensor | None = None, iterations:
     count, _, size = x.shape
     small = _small_dtype(x.dtype, allow_float64)
     if start is None:
-        right = _orthonormal(_start_block(count, size, block, x), small)
+        right = _orthonormal(_start_block(count, size, block, x))
         iterations = COLD_ITERATIONS if iterations is None else iterations
         if iterations > 0:
             # From scratch the block needs many iterations on spectra that decay slowly (power laws): run them
             # on the float32 Gram matrix, where each costs an [m, m] x [m, p] product, then let the X-level
             # iterations below remove the Gram's squared rounding from the subspace.
-            gram = x.mT @ x
+            gram = _gram(x)
             for _ in range(GRAM_ITERATIONS):
-                right = _orthonormal(gram @ right, small)
+                right = _orthonormal(gram @ right)
     else:
-        right = _orthonormal(start.to(x.device, x.dtype), small)
+        right = _orthonormal(start.to(x.device, x.dtype))
         iterations = WARM_ITERATIONS if iterations is None else iterations
     for _ in range(iterations):
-        left = _orthonormal(x @ right, small)
-        right = _orthonormal(x.mT @ left, small)
+        left = _orthonormal(x @ right)
+        right = _orthonormal(x.mT @ left)
     # Rayleigh-Ritz on X restricted to span(right): the SVD of the small X right through its p x p Gram (float64:
     # the squaring then costs nothing against float32's rounding of X right itself).
     projected = x @ right
     if small == torch.float64:
         wide = projected.to(small)
-        eigenvalues, rotation = torch.linalg.eigh(wide.mT @ wide)
+        eigenvalues, rotation = torch.linalg.eigh(_finite(wide.mT @ wide))
         eigenvalues = eigenvalues.flip(-1).clamp_min(0)
         rotation = rotation.flip(-1)
         values = eigenvalues.sqrt()
     else:
         # No float64: squaring X right in float32 would cost its small values' accuracy (u ||X||^2 / s_i), so
         # the small SVD goes through a Householder QR and the p x p triangle's own SVD instead.
-        triangle = torch.linalg.qr(projected, mode="r").R
+        triangle = torch.linalg.qr(_finite(projected), mode="r").R
         _, values, rotation_t = torch.linalg.svd(triangle)
         rotation = rotation_t.mT
         eigenvalues = values.square()

@@ -73,9 +73,11 @@ class SpectralTruncate(io.ComfyNode):
                                        "energy: the fraction q, with 0 < q <= 1."),
                 SpectrumSocket.Input("spectrum", optional=True, tooltip=_CHAIN_TOOLTIP),
                 io.Combo.Input("solver", options=list(METHODS), default="exact", optional=True,
-                               tooltip="exact: an exact decomposition (recommended). lowrank: a randomized "
-                                       "low-rank SVD, an approximation that is faster only when very few values "
-                                       "are kept; it applies to the whole chain."),
+                               tooltip="exact (recommended): as close to an exact SVD as the input's precision "
+                                       "allows, checked on every matrix (a certified fast solver where few values "
+                                       "are kept, else the full decomposition). lowrank: a randomized low-rank SVD, "
+                                       "an unchecked approximation, faster only when very few values are kept; it "
+                                       "applies to the whole chain."),
             ],
             outputs=[SpectrumSocket.Output(display_name="spectrum", tooltip="The chain, ending with this step.")],
         )

@@ -333,3 +333,22 @@ def test_groups_that_decompose_nothing_report_no_values():
     identity, everything = filter_groups_with_values([(None, x), (Spectrum((Truncate("quantile", 1.0),)), x)])
     assert identity.x is x and everything.x is x
     assert identity.before is None and everything.before is None and everything.after is None
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_non_finite_matrices_pass_through_the_iterative_route_without_poisoning_the_batch(with_state):
+    values = spectra(CHANNELS, KEEP)["clean gap"]
+    x = torch.cat([matrix_with_spectrum(values, TOKENS, CHANNELS, seed) for seed in (3, 4, 5)])
+    x[1, 7, 9] = float("nan")
+    x[2, 0, 0] = float("inf")
+    state = SolverState() if with_state else None
+    (group,) = filter_groups_with_values([(QUANTILE, x)], state=state, slot="layer")
+    if with_state:
+        assert state.settle() == []  # a non-finite matrix counts as settled: it passes through
+    for row in (1, 2):
+        assert torch.equal(group.x[row].nan_to_num(), x[row].nan_to_num())
+        assert torch.equal(group.x[row].isnan(), x[row].isnan())
+        assert group.before[row].isnan().all() and group.after[row].isnan().all()
+    reference, _ = svd_truncation(x[:1], KEEP)
+    assert float(torch.linalg.norm(group.x[0].double() - reference) / torch.linalg.norm(reference)) < 1e-5
+    assert torch.isfinite(group.before[0, :KEEP]).all()
