@@ -143,3 +143,12 @@ def tiny_controlnet(seed: int = 3):
                                                dtype=torch.float32, device=torch.device("cpu"), **config)
     init_weights(control_model, seed)
     return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None)
+
+
+def with_hidden(node_class, hidden: dict):
+    """node_class prepared as ComfyUI's executor prepares a V3 node, with these hidden inputs (io.Hidden keys).
+    PREPARE_CLASS_CLONE took the hidden dict itself up to ComfyUI 0.3.x and takes {"hidden_inputs": ...} since."""
+    import inspect
+
+    parameter = next(iter(inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters))
+    return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if parameter == "v3_data" else hidden)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_api.latest import io
-from comfy_harness import conditioning
+from comfy_harness import conditioning, with_hidden
 
 import nodes as comfy_nodes
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
@@ -157,7 +157,7 @@ def test_batch_of_one_is_plain_sampling(model, family):
 def test_spectrum_plot_draws_a_preset_run(model, family):
     prompt = {"5": {"class_type": "SpectralConsistencyPreset", "inputs": {}},
               "9": {"class_type": "SpectralSpectrumPlot", "inputs": {"model": ["5", 0], "layer": 0}}}
-    node = SpectralConsistencyPreset.PREPARE_CLASS_CLONE({io.Hidden.prompt: prompt, io.Hidden.unique_id: "5"})
+    node = with_hidden(SpectralConsistencyPreset, {io.Hidden.prompt: prompt, io.Hidden.unique_id: "5"})
     patched = node.execute(model, "recommended", 2).result[0]
     samples = ksampler(patched, family, empty_latent(), steps=3)
     image = SpectralSpectrumPlot.execute(patched, {"samples": samples}, 0, -1).result[0]

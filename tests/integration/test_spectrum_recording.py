@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_api.latest import io
-from comfy_harness import conditioning, sample, tiny_model
+from comfy_harness import conditioning, sample, tiny_model, with_hidden
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_anchors.attention.spectrum import Spectrum, Truncate
@@ -34,7 +34,7 @@ def batch(size=3, seed=1):
 
 def attention(model, prompt=None, node_id="3", **spectra):
     """SpectralAnchorAttention as the executor runs it, with the hidden prompt and node id it would see."""
-    node = SpectralAnchorAttention.PREPARE_CLASS_CLONE({io.Hidden.prompt: prompt or {}, io.Hidden.unique_id: node_id})
+    node = with_hidden(SpectralAnchorAttention, {io.Hidden.prompt: prompt or {}, io.Hidden.unique_id: node_id})
     return SpectralAnchorAttention.execute.__func__(node, model, 2, "decoder", 0.01, 1.0, **spectra).result[0]
 
 
@@ -78,7 +78,7 @@ def test_the_fast_solver_records_its_block_and_a_fallback_the_whole_spectrum(mod
     # the iterative top-k solver (a block of 17 of 100 values). The tiny random UNet's keys have a flat spectrum, so
     # a solve may fail its residual check: the model call is then redone with the full decomposition, whose values
     # (all of them) are what the run records for that step.
-    node = SpectralAnchorAttention.PREPARE_CLASS_CLONE({io.Hidden.prompt: {}, io.Hidden.unique_id: "3"})
+    node = with_hidden(SpectralAnchorAttention, {io.Hidden.prompt: {}, io.Hidden.unique_id: "3"})
     first = Spectrum().then(Truncate("fixed", 1))
     patched = SpectralAnchorAttention.execute.__func__(node, model, 2, "decoder+middle", 0.01, 1.0,
                                                        key_spectrum=first).result[0]
