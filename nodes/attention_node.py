@@ -11,7 +11,7 @@ from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import ALL_LAYERS, plot_layers_downstream
 from .spectrum_recording import recorder_of
 from .story_runs import anchors_mismatch
-from .unet_layers import LAYER_CHOICES, UnsupportedModelError
+from .unet_layout import LAYER_CHOICES, UnsupportedModelError
 
 # 0.01 keeps the very first step plain (it runs at the model's largest sigma, above this start) while sharing
 # from the second step on for any schedule of up to 100 steps, as ConsiStory does.

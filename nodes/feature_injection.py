@@ -39,8 +39,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.patcher_extension import WrappersMP
 from torch import Tensor
 
@@ -61,7 +60,7 @@ from .query_blend import recording_queries
 from .sampling_run import RUN_KEY, SamplingRun, call_of, track_sampling_runs
 from .sharing_patch import sharing_plan_of
 from .subject_masks import MASKS_KEY
-from .unet_layers import LayerKey, unet_of
+from .unet_layout import LayerKey, layout_of, unet_of
 
 INJECTION_KEY = "spectral_anchors.feature_injection"
 SETTINGS_KEY = "spectral_anchors.feature_injection_settings"
@@ -174,55 +173,12 @@ def _subject_masks(run: SamplingRun | None, step: int, grid: tuple[int, int], im
     return history.masks(step, grid)
 
 
-def _resamples(layer, kind: type) -> bool:
-    return isinstance(layer, kind) or (isinstance(layer, ResBlock) and isinstance(getattr(layer, "h_upd", None), kind))
-
-
-def _levels(unet: UNetModel) -> tuple[dict[LayerKey, int], dict[int, int]]:
-    """Resolution level (0 = latent grid) of every self-attention layer and of every output block's input."""
-    layer_levels: dict[LayerKey, int] = {}
-    output_levels: dict[int, int] = {}
-
-    def visit(block_name: str, block_id: int, block, level: int) -> None:
-        for layer in block:
-            if isinstance(layer, SpatialTransformer):
-                for index in range(len(layer.transformer_blocks)):
-                    layer_levels[(block_name, block_id, index)] = level
-
-    level = 0
-    for block_id, block in enumerate(unet.input_blocks):
-        visit("input", block_id, block, level)
-        if any(_resamples(layer, Downsample) for layer in block):
-            level += 1
-    if unet.middle_block is not None:
-        visit("middle", 0, unet.middle_block, level)
-    for block_id, block in enumerate(unet.output_blocks):
-        output_levels[block_id] = level
-        visit("output", block_id, block, level)
-        if any(_resamples(layer, Upsample) for layer in block):
-            level -= 1
-    return layer_levels, output_levels
-
-
 def finest_self_attention_layers(unet: UNetModel, choice: str) -> list[LayerKey]:
-    """The self-attention layers on the finest attention grid: encoder and decoder ("finest") or decoder only."""
+    """The self-attention layers a `layers` choice names: the finest grid's, encoder and decoder ("finest") or
+    decoder only ("finest_decoder")."""
     if choice not in LAYER_CHOICES:
         raise ValueError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {choice!r}")
-    layer_levels, _ = _levels(unet)
-    if not layer_levels:
-        return []
-    finest = min(layer_levels.values())
-    blocks = ("output",) if choice == "finest_decoder" else ("input", "middle", "output")
-    return [key for key, level in layer_levels.items() if level == finest and key[0] in blocks]
-
-
-def feature_block(unet: UNetModel) -> int | None:
-    """The output block whose input is the DIFT feature map: the first decoder block on the finest attention grid."""
-    layer_levels, output_levels = _levels(unet)
-    if not layer_levels:
-        return None
-    finest = min(layer_levels.values())
-    return min((block_id for block_id, level in output_levels.items() if level == finest), default=None)
+    return layout_of(unet).finest_self_attention_layers(decoder_only=choice == "finest_decoder")
 
 
 def feature_step(model_sampling, schedule: list[float], target_timestep: float) -> int:
@@ -274,7 +230,7 @@ def apply_feature_injection(model_patcher, settings: InjectionSettings):
     if settings.is_off:
         return patched  # nothing to do: the clone computes exactly what the input does
     layers = frozenset(finest_self_attention_layers(unet, settings.layers))
-    block = feature_block(unet)
+    block = layout_of(unet).feature_block
     if not layers or block is None:
         logging.warning("SpectralFeatureInjection: this UNet has no self-attention layers; nothing to inject.")
         return patched

@@ -8,7 +8,7 @@ from ..attention.injection import DEFAULT_END, DEFAULT_START, FEATURE_TIMESTEP
 from .attention_node import MAX_ANCHORS
 from .feature_injection import LAYER_CHOICES, SOURCE_CHOICES, InjectionSettings, apply_feature_injection
 from .search_aliases import search_aliases
-from .unet_layers import UnsupportedModelError
+from .unet_layout import UnsupportedModelError
 
 NODE_NAME = "Spectral Feature Injection"
 

@@ -12,7 +12,7 @@ from .search_aliases import search_aliases
 from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import plot_layers_downstream
 from .spectrum_recording import recorder_of
-from .unet_layers import UnsupportedModelError
+from .unet_layout import UnsupportedModelError
 
 NODE_ID = "SpectralConsistencyPreset"
 NODE_NAME = "Consistent Character (Spectral Anchors preset)"

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..attention.query_blend import blend_queries, query_blend_weight
 from ..attention.schedule import SigmaWindow
 from .sampling_run import call_of
-from .unet_layers import LayerKey
+from .unet_layout import LayerKey
 
 QUERY_BLEND_KEY = "spectral_anchors.query_blend"
 _WRAPPER_KEY = "spectral_anchors.query_blend"

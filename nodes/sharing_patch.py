@@ -24,7 +24,7 @@ from .sampling_run import call_of, run_of, track_sampling_runs
 from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
 from .story_runs import track_story_runs
 from .subject_masks import install_subject_masks, subject_anchor_keep
-from .unet_layers import LayerKey, selected_layers, unet_of
+from .unet_layout import LayerKey, selected_layers, unet_of
 
 if TYPE_CHECKING:
     from .story import Story

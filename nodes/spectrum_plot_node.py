@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
 from .search_aliases import search_aliases
 from .spectrum_plot import draw_spectra
 from .spectrum_recording import recorder_of
-from .unet_layers import LayerKey, unet_of
+from .unet_layout import layer_token_grid, unet_of
 
 NODE_ID = "SpectralSpectrumPlot"
 _MAX_HOPS = 64  # model-patching nodes between the attention node and the plot; guards against cyclic prompts
@@ -130,27 +127,6 @@ class SpectralSpectrumPlot(io.ComfyNode):
             recorder.arm(layer)
             title += f"; {' and '.join(unrecorded)} unfiltered, recorded from the next run"
         return io.NodeOutput(draw_spectra(panels, title))
-
-
-def layer_token_grid(unet, layer: LayerKey, latent_height: int, latent_width: int) -> tuple[int, int]:
-    """The token grid (height, width) a self-attention layer works on for a latent of this size: the latent halved
-    (rounding up, as the UNet's stride-2 convolutions do) once per resolution level above the layer."""
-    block, block_id, _ = layer
-
-    def count(blocks, kind) -> int:
-        return sum(isinstance(module, kind) for stage in blocks for module in stage)
-
-    downsamples = count(unet.input_blocks, Downsample)
-    if block == "input":
-        level = count(unet.input_blocks[:block_id], Downsample)
-    elif block == "middle":
-        level = downsamples
-    else:  # an output block upsamples after its attention
-        level = downsamples - count(unet.output_blocks[:block_id], Upsample)
-    height, width = latent_height, latent_width
-    for _ in range(level):
-        height, width = math.ceil(height / 2), math.ceil(width / 2)
-    return height, width
 
 
 def _ranges(values: list[int]) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
 from comfy.patcher_extension import WrappersMP
 
 from ..attention.grid import token_grid
@@ -29,61 +27,12 @@ from ..attention.sharing import anchor_count_in_chunk
 from .query_blend import recording_queries
 from .sampling_run import SamplingRun, call_of
 from .story_runs import rows_of_story
-from .unet_layers import LayerKey
+from .unet_layout import cross_attention_module, layout_of
 
 MASKS_KEY = "spectral_anchors.subject_masks"
 UNET_KEY = "spectral_anchors.unet"
 _WRAPPER_KEY = "spectral_anchors.subject_masks"
 NODE_NAME = "Spectral Anchor Attention"
-
-
-def coarsest_cross_attention_layers(unet: UNetModel) -> frozenset[LayerKey]:
-    """The cross-attention layers on the coarsest attention grid (SDXL: the 32x32 grid at 1024x1024).
-
-    Found from the UNet's structure, not from token counts: each Downsample (or downsampling ResBlock) in the
-    encoder takes the following blocks one level down, each Upsample in the decoder one level back up.
-    """
-    levels: dict[LayerKey, int] = {}
-    level = 0
-
-    def visit(block_name: str, block_id: int, block) -> None:
-        for layer in block:
-            if isinstance(layer, SpatialTransformer):
-                for index, transformer in enumerate(layer.transformer_blocks):
-                    if getattr(transformer, "attn2", None) is not None:
-                        levels[(block_name, block_id, index)] = level
-
-    for block_id, block in enumerate(unet.input_blocks):
-        visit("input", block_id, block)
-        if any(_resamples(layer, Downsample) for layer in block):
-            level += 1
-    if unet.middle_block is not None:
-        visit("middle", 0, unet.middle_block)
-    for block_id, block in enumerate(unet.output_blocks):
-        visit("output", block_id, block)
-        if any(_resamples(layer, Upsample) for layer in block):
-            level -= 1
-    if not levels:
-        return frozenset()
-    deepest = max(levels.values())
-    return frozenset(key for key, key_level in levels.items() if key_level == deepest)
-
-
-def _resamples(layer, kind: type) -> bool:
-    return isinstance(layer, kind) or (isinstance(layer, ResBlock) and isinstance(getattr(layer, "h_upd", None), kind))
-
-
-def cross_attention_module(unet: UNetModel, layer: LayerKey):
-    """The CrossAttention module (attn2) of one transformer block, by ComfyUI's (block, id, index) key."""
-    block_name, block_id, index = layer
-    if block_name == "input":
-        block = unet.input_blocks[block_id]
-    elif block_name == "middle":
-        block = unet.middle_block
-    else:
-        block = unet.output_blocks[block_id]
-    transformer = next(module for module in block if isinstance(module, SpatialTransformer))
-    return transformer.transformer_blocks[index].attn2
 
 
 def story_tokens_for_batch(story, images: int) -> tuple[tuple[int, ...], ...]:
@@ -124,7 +73,7 @@ def _copies_per_image(story, images: int, context_tokens: int) -> torch.Tensor:
 
 def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: int) -> None:
     """Register the cross-attention reader (attn2_patch) and the wrapper that hands it the UNet, on a clone."""
-    coarsest = coarsest_cross_attention_layers(model_patcher.model.diffusion_model)
+    coarsest = layout_of(model_patcher.model.diffusion_model).coarsest_cross_attention_layers
 
     def expose_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         transformer_options = {**transformer_options, UNET_KEY: executor.class_obj}

@@ -259,7 +259,7 @@ def with_cross_attention_replacement(model, calls):
 
 
 def share_layers(model, choice):
-    from spectral_anchors.nodes.unet_layers import selected_layers
+    from spectral_anchors.nodes.unet_layout import selected_layers
 
     return selected_layers(model.model.diffusion_model, choice)
 

@@ -17,13 +17,13 @@ from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection import (
     INJECTION_KEY,
     SETTINGS_KEY,
-    feature_block,
     feature_step,
     finest_self_attention_layers,
 )
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
 from spectral_anchors.nodes.sampling_run import RUN_KEY, call_of
 from spectral_anchors.nodes.story import Story
+from spectral_anchors.nodes.unet_layout import feature_block
 
 # Non-square latents whose finest attention grid is 8x12 in both families (SDXL-tiny attends from 1/2 of the
 # latent grid on, SD1.5-tiny from the latent grid itself).

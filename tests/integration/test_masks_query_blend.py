@@ -21,12 +21,8 @@ from spectral_anchors.nodes.query_blend import QUERY_BLEND_KEY
 from spectral_anchors.nodes.sampling_run import call_of
 from spectral_anchors.nodes.sharing_patch import SharingPlan, apply_sharing
 from spectral_anchors.nodes.story import Story
-from spectral_anchors.nodes.subject_masks import (
-    MASKS_KEY,
-    coarsest_cross_attention_layers,
-    cross_attention_module,
-)
-from spectral_anchors.nodes.unet_layers import selected_layers
+from spectral_anchors.nodes.subject_masks import MASKS_KEY
+from spectral_anchors.nodes.unet_layout import coarsest_cross_attention_layers, cross_attention_module, selected_layers
 
 LATENT = (16, 24)  # non-square: SDXL-tiny grids 16x24, 8x12, 4x6 (coarsest); SD1.5-tiny down to 2x3
 SMALL_LATENT = (8, 12)  # for the many-step query-blending runs

@@ -6,8 +6,7 @@ import pytest
 import torch
 from comfy_harness import conditioning, sample
 
-from spectral_anchors.nodes.spectrum_plot_node import layer_token_grid
-from spectral_anchors.nodes.unet_layers import self_attention_layers, unet_of
+from spectral_anchors.nodes.unet_layout import layer_token_grid, self_attention_layers, unet_of
 
 
 @pytest.mark.parametrize("latent_size", [(16, 24), (13, 9)])
