@@ -57,14 +57,18 @@ from ..attention.injection import (
 from ..attention.schedule import SigmaWindow, steps_in_window
 from ..attention.sharing import anchor_count_in_chunk
 from .query_blend import recording_queries
-from .sampling_run import RUN_KEY, SamplingRun, call_of, track_sampling_runs
-from .sharing_patch import sharing_plan_of
-from .subject_masks import MASKS_KEY
+from .run_context import (
+    FEATURE_INJECTION_WRAPPER,
+    INJECTION_RUN_KEY,
+    PackPatcher,
+    call_of,
+    holding,
+    injection_run_of,
+    mask_history_of,
+    sampling_options,
+)
+from .sampling_run import SamplingRun, track_sampling_runs
 from .unet_layout import LayerKey, layout_of, unet_of
-
-INJECTION_KEY = "spectral_anchors.feature_injection"
-SETTINGS_KEY = "spectral_anchors.feature_injection_settings"
-_WRAPPER_KEY = "spectral_anchors.feature_injection"
 
 LAYER_CHOICES = ("finest", "finest_decoder")
 SOURCE_CHOICES = ("two-pass", "single-pass")
@@ -167,7 +171,7 @@ class InjectionRun:
 
 def _subject_masks(run: SamplingRun | None, step: int, grid: tuple[int, int], images: int) -> Tensor | None:
     """The subject masks SpectralAnchorAttention computes for `step` on `grid`, or None (mask-free)."""
-    history = run.scratch.get(MASKS_KEY) if run is not None else None
+    history = mask_history_of(run)
     if history is None or history.image_count != images:
         return None
     return history.masks(step, grid)
@@ -234,27 +238,22 @@ def apply_feature_injection(model_patcher, settings: InjectionSettings):
     if not layers or block is None:
         logging.warning("SpectralFeatureInjection: this UNet has no self-attention layers; nothing to inject.")
         return patched
-    patched.set_attachments(SETTINGS_KEY, settings)
-    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY, _make_sample_wrapper(settings))
-    # After ours, so the run tracker sits inside our wrapper: every pass gets its own SamplingRun.
+    pack = PackPatcher(patched)
+    pack.set_injection_settings(settings)
+    # The run tracker sits inside this wrapper (run_context.WRAPPER_ORDER): every pass gets its own SamplingRun.
+    pack.install_wrapper(WrappersMP.OUTER_SAMPLE, FEATURE_INJECTION_WRAPPER, _make_sample_wrapper(settings))
     track_sampling_runs(patched)
     skip_prediction, skip_unet = _make_skip_wrappers(settings)
-    for wrapper_type, wrapper in ((WrappersMP.PREDICT_NOISE, skip_prediction), (WrappersMP.DIFFUSION_MODEL, skip_unet)):
-        patched.remove_wrappers_with_key(wrapper_type, _WRAPPER_KEY)
-        patched.add_wrapper_with_key(wrapper_type, _WRAPPER_KEY, wrapper)
+    pack.install_wrapper(WrappersMP.PREDICT_NOISE, FEATURE_INJECTION_WRAPPER, skip_prediction)
+    pack.install_wrapper(WrappersMP.DIFFUSION_MODEL, FEATURE_INJECTION_WRAPPER, skip_unet)
     patched.set_model_output_block_patch(_make_feature_patch(settings, block))
     patched.set_model_attn1_output_patch(_make_injection_patch(settings, layers))
     return patched
 
 
-def injection_settings_of(model_patcher) -> InjectionSettings | None:
-    return model_patcher.get_attachment(SETTINGS_KEY)
-
-
 def _state_of(options: dict, settings: InjectionSettings) -> InjectionRun | None:
     # Identity, not equality: when two injection nodes are chained, only the last one's patches act.
-    state = options.get(INJECTION_KEY)
+    state = injection_run_of(options)
     return state if state is not None and state.settings is settings else None
 
 
@@ -269,23 +268,18 @@ def _make_sample_wrapper(settings: InjectionSettings):
         schedule = [float(sigma) for sigma in bound.arguments["sigmas"].flatten().tolist()]
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         window = injection_steps(model_sampling, schedule, settings.start_percent, settings.end_percent)
-        plan = sharing_plan_of(guider.model_patcher)
+        plan = PackPatcher(guider.model_patcher).sharing_plan
         anchor_count = plan.anchor_count if plan is not None else settings.anchor_count
         images = bound.arguments["noise"].shape[0]
         if not window or not _has_sources(images, anchor_count):
             return executor(*args, **kwargs)  # nothing would be injected: no first pass either
 
         state = InjectionRun(settings=settings, anchor_count=anchor_count, window=window)
-        options = guider.model_options.setdefault("transformer_options", {})
-        options[INJECTION_KEY] = state
-        try:
+        with holding(sampling_options(guider), INJECTION_RUN_KEY, state):
             if settings.source == "two-pass":
                 state.capture = FeatureCapture(step=feature_step(model_sampling, schedule, settings.feature_timestep))
                 _first_pass(executor, guider, bound, state.capture)
                 capture, state.capture = state.capture, None
-                run = options.get(RUN_KEY)
-                if run is not None:  # only if another wrapper put the run tracker outside ours
-                    run.scratch.clear()
                 if capture.done:
                     state.subject_masks = capture.masks
                     state.correspondence = dense_correspondence(capture.features, anchor_count, capture.masks)
@@ -297,8 +291,6 @@ def _make_sample_wrapper(settings: InjectionSettings):
             else:
                 state.recent = RecentFeatures()
             return executor(*args, **kwargs)
-        finally:
-            options.pop(INJECTION_KEY, None)
 
     return sample_with_injection
 

@@ -25,11 +25,9 @@ from torch import Tensor
 
 from ..attention.query_blend import blend_queries, query_blend_weight
 from ..attention.schedule import SigmaWindow
-from .sampling_run import call_of
+from .run_context import QUERY_BLEND_KEY, QUERY_BLEND_WRAPPER, PackPatcher, call_of, query_blend_pass_of, with_entry
+from .sampling_run import fresh_control
 from .unet_layout import LayerKey
-
-QUERY_BLEND_KEY = "spectral_anchors.query_blend"
-_WRAPPER_KEY = "spectral_anchors.query_blend"
 
 
 @dataclass
@@ -41,34 +39,22 @@ class QueryBlendPass:
     queries: dict[LayerKey, Tensor] = field(default_factory=dict)
 
 
-def _pass_of(options: dict) -> QueryBlendPass | None:
-    return options.get(QUERY_BLEND_KEY)
-
-
 def recording_queries(options: dict) -> bool:
     """True inside the plain forward that only records queries: layers must behave as without the pack."""
-    blend_pass = _pass_of(options)
+    blend_pass = query_blend_pass_of(options)
     return blend_pass is not None and blend_pass.recording
 
 
 def record_queries(options: dict, layer: LayerKey, q: Tensor) -> None:
-    _pass_of(options).queries[layer] = q
+    query_blend_pass_of(options).queries[layer] = q
 
 
 def blended_queries(options: dict, layer: LayerKey, q: Tensor) -> Tensor:
     """The queries a sharing layer should use: blended on blending steps, unchanged otherwise."""
-    blend_pass = _pass_of(options)
+    blend_pass = query_blend_pass_of(options)
     if blend_pass is None or blend_pass.recording or layer not in blend_pass.queries:
         return q
     return blend_queries(blend_pass.queries[layer], q, blend_pass.weight)
-
-
-def _own_copy(control):
-    """A copy of the control residuals whose lists one forward may pop without emptying the caller's."""
-    if not isinstance(control, dict):
-        return control
-    return {name: list(residuals) if isinstance(residuals, list) else residuals
-            for name, residuals in control.items()}
 
 
 def install_query_blending(model_patcher, window: SigmaWindow, weights: tuple[float, float]) -> None:
@@ -83,10 +69,10 @@ def install_query_blending(model_patcher, window: SigmaWindow, weights: tuple[fl
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         plain = QueryBlendPass(recording=True, weight=weight)
         # The plain forward's output is discarded: only the queries it records are used.
-        executor(x, timesteps, context, y, _own_copy(control), {**transformer_options, QUERY_BLEND_KEY: plain},
-                 **kwargs)
+        executor(x, timesteps, context, y, fresh_control(control),
+                 with_entry(transformer_options, QUERY_BLEND_KEY, plain), **kwargs)
         blend = QueryBlendPass(recording=False, weight=weight, queries=plain.queries)
-        return executor(x, timesteps, context, y, control, {**transformer_options, QUERY_BLEND_KEY: blend}, **kwargs)
+        return executor(x, timesteps, context, y, control, with_entry(transformer_options, QUERY_BLEND_KEY, blend),
+                        **kwargs)
 
-    model_patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY, blend_early_steps)
+    PackPatcher(model_patcher).install_wrapper(WrappersMP.DIFFUSION_MODEL, QUERY_BLEND_WRAPPER, blend_early_steps)

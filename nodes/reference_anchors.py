@@ -29,14 +29,17 @@ import torch
 from comfy.patcher_extension import WrappersMP
 from torch import Tensor
 
-from .feature_injection import injection_settings_of
-from .sharing_patch import sharing_plan_of
+from .run_context import (
+    REFERENCE_RUN_KEY,
+    REFERENCE_WRAPPER,
+    PackPatcher,
+    holding,
+    reference_run_of,
+    sampling_options,
+)
 from .story_runs import tag_in_conds
 
 NODE_NAME = "Spectral Reference Anchors"
-REFERENCE_KEY = "spectral_anchors.reference_run"
-SETTINGS_KEY = "spectral_anchors.reference_settings"
-_WRAPPER_KEY = "spectral_anchors.reference_anchors"
 MAX_REFERENCES = 8
 
 
@@ -115,11 +118,12 @@ def reference_samples(reference, latent_channels: int, error=input_error,
 
 def check_counts(reference_count: int, model_patcher) -> None:
     """The references must be exactly the anchors of the sharing (or of feature injection without sharing)."""
-    plan = sharing_plan_of(model_patcher)
+    pack = PackPatcher(model_patcher)
+    plan = pack.sharing_plan
     if plan is not None:
         anchors, owner = plan.anchor_count, "Spectral Anchor Attention's input 'anchors'"
     else:
-        injection = injection_settings_of(model_patcher)
+        injection = pack.injection_settings
         if injection is None:
             return
         anchors, owner = injection.anchor_count, "Spectral Feature Injection's input 'anchors'"
@@ -153,17 +157,12 @@ def fit_to(samples: Tensor, height: int, width: int) -> Tensor:
 def apply_reference_anchors(model_patcher, settings: ReferenceSettings):
     """A clone of `model_patcher` whose first `settings.count` batch rows are the references."""
     patched = model_patcher.clone()
-    patched.set_attachments(SETTINGS_KEY, settings)
-    for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _make_sample_wrapper(settings)),
-                                  (WrappersMP.PREDICT_NOISE, _predict_with_references)):
-        # One key: a later Spectral Reference Anchors node on the same model replaces an earlier one.
-        patched.remove_wrappers_with_key(wrapper_type, _WRAPPER_KEY)
-        patched.add_wrapper_with_key(wrapper_type, _WRAPPER_KEY, wrapper)
+    pack = PackPatcher(patched)
+    pack.set_reference_settings(settings)
+    # One key: a later Spectral Reference Anchors node on the same model replaces an earlier one.
+    pack.install_wrapper(WrappersMP.OUTER_SAMPLE, REFERENCE_WRAPPER, _make_sample_wrapper(settings))
+    pack.install_wrapper(WrappersMP.PREDICT_NOISE, REFERENCE_WRAPPER, _predict_with_references)
     return patched
-
-
-def reference_settings_of(model_patcher) -> ReferenceSettings | None:
-    return model_patcher.get_attachment(SETTINGS_KEY)
 
 
 def _make_sample_wrapper(settings: ReferenceSettings):
@@ -199,22 +198,19 @@ def _make_sample_wrapper(settings: ReferenceSettings):
         reference_noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         run = ReferenceRun(latents=latents, noise=reference_noise,
                            model_sampling=model_patcher.get_model_object("model_sampling"))
-        options = guider.model_options.setdefault("transformer_options", {})
-        options[REFERENCE_KEY] = run
-        try:
+        with holding(sampling_options(guider), REFERENCE_RUN_KEY, run):
             return executor(noise, latent_image, *args, **kwargs)
-        finally:
-            options.pop(REFERENCE_KEY, None)
 
     return sample_with_references
 
 
 def plan_missing(model_patcher) -> bool:
-    return sharing_plan_of(model_patcher) is None and injection_settings_of(model_patcher) is None
+    pack = PackPatcher(model_patcher)
+    return pack.sharing_plan is None and pack.injection_settings is None
 
 
 def _predict_with_references(executor, x, timestep, model_options=None, seed=None):
-    run = (model_options or {}).get("transformer_options", {}).get(REFERENCE_KEY)
+    run = reference_run_of((model_options or {}).get("transformer_options", {}))
     if run is None or x.shape[0] < run.count:
         return executor(x, timestep, model_options, seed)
     rows = run.count

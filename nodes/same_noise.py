@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy.patcher_extension import WrappersMP
 
-_WRAPPER_KEY = "spectral_anchors.same_noise"
+from .run_context import SAME_NOISE_WRAPPER, PackPatcher
 
 
 def _same_noise_outer_sample(executor, noise, *args, **kwargs):
@@ -21,5 +21,4 @@ def _same_noise_outer_sample(executor, noise, *args, **kwargs):
 
 def install_same_noise(model_patcher) -> None:
     """Every image of each sampling run on this clone starts from the first image's initial noise."""
-    model_patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY, _same_noise_outer_sample)
+    PackPatcher(model_patcher).install_wrapper(WrappersMP.OUTER_SAMPLE, SAME_NOISE_WRAPPER, _same_noise_outer_sample)

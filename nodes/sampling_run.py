@@ -15,10 +15,16 @@ from typing import Any
 from comfy.patcher_extension import WrappersMP
 
 from ..attention.schedule import step_index
-
-RUN_KEY = "spectral_anchors.run"
-CALL_KEY = "spectral_anchors.call"
-_WRAPPER_KEY = "spectral_anchors.sampling_run"
+from .run_context import (
+    CALL_KEY,
+    RUN_KEY,
+    SAMPLING_RUN_WRAPPER,
+    PackPatcher,
+    holding,
+    run_of,
+    sampling_options,
+    with_entry,
+)
 
 
 @dataclass
@@ -45,26 +51,16 @@ class ModelCall:
     run: SamplingRun | None
 
 
-def run_of(options: dict) -> SamplingRun | None:
-    return options.get(RUN_KEY)
-
-
-def call_of(options: dict) -> ModelCall | None:
-    return options.get(CALL_KEY)
-
-
 def _outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
     sigmas = kwargs["sigmas"] if "sigmas" in kwargs else args[3]
-    transformer_options = guider.model_options.setdefault("transformer_options", {})
     run = SamplingRun(schedule=[float(s) for s in sigmas.tolist()],
                       model_sampling=guider.model_patcher.get_model_object("model_sampling"),
                       model_patcher=guider.model_patcher)
-    transformer_options[RUN_KEY] = run
     try:
-        return executor(*args, **kwargs)
+        with holding(sampling_options(guider), RUN_KEY, run):
+            return executor(*args, **kwargs)
     finally:
-        transformer_options.pop(RUN_KEY, None)
         for finish in run.on_end:
             finish()
         run.on_end.clear()
@@ -72,18 +68,30 @@ def _outer_sample(executor, *args, **kwargs):
 
 
 def _apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-    transformer_options = dict(transformer_options or {})
+    transformer_options = transformer_options or {}
     run = run_of(transformer_options)
     sigma = float(t.max())
     step = step_index(sigma, run.schedule) if run is not None else 0
-    transformer_options[CALL_KEY] = ModelCall(sigma=sigma, step=step, run=run)
+    transformer_options = with_entry(transformer_options, CALL_KEY, ModelCall(sigma=sigma, step=step, run=run))
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def fresh_control(control):
+    """A copy of the control residuals whose lists one UNet forward may pop without emptying the caller's.
+
+    The UNet pops ControlNet and T2I-Adapter residuals off these lists as it applies them: a wrapper that runs the
+    UNet more than once per call hands each run its own lists.
+    """
+    if not isinstance(control, dict):
+        return control
+    return {name: list(residuals) if isinstance(residuals, list) else residuals
+            for name, residuals in control.items()}
 
 
 def track_sampling_runs(model_patcher) -> None:
     """Install the two wrappers on a clone (idempotent: every feature of the pack shares them)."""
-    for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _outer_sample), (WrappersMP.APPLY_MODEL, _apply_model)):
-        model_patcher.remove_wrappers_with_key(wrapper_type, _WRAPPER_KEY)
-        model_patcher.add_wrapper_with_key(wrapper_type, _WRAPPER_KEY, wrapper)
+    pack = PackPatcher(model_patcher)
+    pack.install_wrapper(WrappersMP.OUTER_SAMPLE, SAMPLING_RUN_WRAPPER, _outer_sample)
+    pack.install_wrapper(WrappersMP.APPLY_MODEL, SAMPLING_RUN_WRAPPER, _apply_model)
 
 

@@ -20,20 +20,22 @@ from ..attention.schedule import SigmaWindow
 from ..attention.sharing import shared_attention
 from ..attention.spectrum import SolverState, filter_groups_with_values
 from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
-from .sampling_run import call_of, run_of, track_sampling_runs
-from .spectrum_recording import RECORDER_KEY, SpectrumRecorder
+from .run_context import (
+    SOLVER_SCRATCH_KEY,
+    SPECTRUM_SETTLE_WRAPPER,
+    PackPatcher,
+    call_of,
+    run_of,
+    solver_state_of,
+)
+from .sampling_run import fresh_control, track_sampling_runs
+from .spectrum_recording import SpectrumRecorder
 from .story_runs import track_story_runs
 from .subject_masks import install_subject_masks, subject_anchor_keep
 from .unet_layout import LayerKey, selected_layers, unet_of
 
 if TYPE_CHECKING:
     from .story import Story
-
-PLAN_KEY = "spectral_anchors.sharing_plan"
-# The spectrum solver's per-run state (warm-start bases, convergence flags) in the SamplingRun's scratch, and the
-# APPLY_MODEL wrapper that settles the flags once per model call.
-SOLVER_KEY = "spectral_anchors.spectrum_solver"
-_SETTLE_WRAPPER_KEY = "spectral_anchors.spectrum_settle"
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,6 @@ class SharingPlan:
         return self.end_percent <= self.start_percent
 
 
-def sharing_plan_of(model_patcher) -> SharingPlan | None:
-    """The plan a SpectralAnchorAttention node attached to this MODEL, for nodes that build on it."""
-    return model_patcher.get_attachment(PLAN_KEY)
-
-
 def apply_sharing(model_patcher, plan: SharingPlan):
     """A clone of `model_patcher` whose selected self-attention layers share the anchors' keys and values."""
     unet = unet_of(model_patcher)
@@ -79,7 +76,8 @@ def apply_sharing(model_patcher, plan: SharingPlan):
                         "those layers are left to it.", ", ".join(map(str, taken)))
     track_sampling_runs(patched)
     track_story_runs(patched, plan.anchor_count, plan.story)
-    patched.set_attachments(PLAN_KEY, plan)
+    pack = PackPatcher(patched)
+    pack.set_sharing_plan(plan)
     model_sampling = patched.get_model_object("model_sampling")
     window = SigmaWindow(model_sampling.percent_to_sigma(plan.start_percent),
                          model_sampling.percent_to_sigma(plan.end_percent))
@@ -90,10 +88,9 @@ def apply_sharing(model_patcher, plan: SharingPlan):
     if plan.query_blend:
         install_query_blending(patched, window, plan.query_blend_weights)
     if _filter_of(plan.key_spectrum) is not None or _filter_of(plan.value_spectrum) is not None:
-        patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, _SETTLE_WRAPPER_KEY)
-        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, _SETTLE_WRAPPER_KEY, _settle_spectra)
+        pack.install_wrapper(WrappersMP.APPLY_MODEL, SPECTRUM_SETTLE_WRAPPER, _settle_spectra)
     recorder = SpectrumRecorder(layers)
-    patched.set_attachments(RECORDER_KEY, recorder)
+    pack.set_spectrum_recorder(recorder)
     layer_indices = {key: index for index, key in enumerate(layers)}
     for block in dict.fromkeys(key[:2] for key in layers):
         if block not in existing:
@@ -162,7 +159,7 @@ def _solver_state(call) -> SolverState | None:
     """The run's solver state; None outside a sampling run (each filter call then checks itself)."""
     if call is None or call.run is None:
         return None
-    return call.run.scratch.setdefault(SOLVER_KEY, SolverState())
+    return call.run.scratch.setdefault(SOLVER_SCRATCH_KEY, SolverState())
 
 
 def _pair_filter(key_filter, value_filter, state: SolverState | None, slot, keep):
@@ -180,29 +177,22 @@ def _pair_filter(key_filter, value_filter, state: SolverState | None, slot, keep
     return filter_both
 
 
-def _fresh_control(control):
-    # The UNet pops ControlNet residuals off these lists as it applies them: each run gets its own lists.
-    if isinstance(control, dict):
-        return {name: list(value) if isinstance(value, list) else value for name, value in control.items()}
-    return control
-
-
 def _settle_spectra(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):
     """Run the model call, then read every iterative solve's convergence flag once (one host sync per call).
     A layer whose solve did not converge switches to the full decomposition for the rest of the run and the
     call is redone, so no uncertified result ever reaches the sampler."""
     run = run_of(transformer_options or {})
-    state = run.scratch.get(SOLVER_KEY) if run is not None else None
+    state = solver_state_of(run)
     if state is not None:
         state.pending.clear()
-    out = executor(x, t, c_concat, c_crossattn, _fresh_control(control), transformer_options, **kwargs)
-    state = run.scratch.get(SOLVER_KEY) if run is not None else None
+    out = executor(x, t, c_concat, c_crossattn, fresh_control(control), transformer_options, **kwargs)
+    state = solver_state_of(run)
     while state is not None:
         failed = state.settle()
         if not failed:
             break
         logging.info("SpectralAnchorAttention: %d spectrum solve(s) did not converge; redoing the model call "
                      "with the full decomposition on those layers.", len(failed))
-        out = executor(x, t, c_concat, c_crossattn, _fresh_control(control), transformer_options, **kwargs)
+        out = executor(x, t, c_concat, c_crossattn, fresh_control(control), transformer_options, **kwargs)
     return out

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..attention.device import singular_values
-
-RECORDER_KEY = "spectral_anchors.spectrum_recorder"
+from .run_context import SPECTRA_SCRATCH_PREFIX, PackPatcher
 
 
 @dataclass
@@ -57,7 +56,7 @@ class SpectrumRecorder:
         self.svd_on_device = svd_on_device  # None: wherever the device has an SVD (not on Apple MPS)
         self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._latest: RunSpectra | None = None
-        self._scratch_key = f"{RECORDER_KEY}.{id(self)}"
+        self._scratch_key = f"{SPECTRA_SCRATCH_PREFIX}.{id(self)}"
 
     def arm(self, layer_index: int) -> None:
         self.armed_layers.add(layer_index)
@@ -136,4 +135,4 @@ class SpectrumRecorder:
 
 
 def recorder_of(model_patcher) -> SpectrumRecorder | None:
-    return model_patcher.get_attachment(RECORDER_KEY)
+    return PackPatcher(model_patcher).spectrum_recorder

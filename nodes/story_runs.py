@@ -20,13 +20,18 @@ from dataclasses import dataclass, field
 import torch
 from comfy.patcher_extension import WrappersMP
 
+from .run_context import (
+    STORY_RUN_KEY,
+    STORY_RUN_TAG_KEY,
+    STORY_RUNS_WRAPPER,
+    PackPatcher,
+    holding,
+    sampling_options,
+    story_run_of,
+)
 from .story import NODE_NAME as STORY_NODE
 from .story import Story
 
-# A plain string key in the conditioning's dict: every ComfyUI conditioning node copies unknown keys along.
-RUN_TAG_KEY = "spectral_anchors_story_run"
-ACTIVE_RUN_KEY = "spectral_anchors.story_run"
-_WRAPPER_KEY = "spectral_anchors.story_runs"
 ATTENTION_NODE = "Spectral Anchor Attention"
 
 
@@ -58,22 +63,18 @@ class ActiveStoryRun:
 
 def tagged(conditioning: list, tag: StoryRunTag) -> list:
     """A copy of a CONDITIONING whose every entry carries `tag`."""
-    return [[tensor, {**extras, RUN_TAG_KEY: tag}] for tensor, extras in conditioning]
+    return [[tensor, {**extras, STORY_RUN_TAG_KEY: tag}] for tensor, extras in conditioning]
 
 
 def tag_of(conditioning: list) -> StoryRunTag | None:
     """The tag a CONDITIONING carries (as SpectralStoryPrompts made it), or None."""
-    tags = {extras.get(RUN_TAG_KEY) for _, extras in conditioning} - {None}
+    tags = {extras.get(STORY_RUN_TAG_KEY) for _, extras in conditioning} - {None}
     return next(iter(tags)) if len(tags) == 1 else None
-
-
-def active_run(options: dict) -> ActiveStoryRun | None:
-    return options.get(ACTIVE_RUN_KEY)
 
 
 def rows_of_story(story: Story, options: dict) -> Story:
     """The story whose prompt b is row b of the batch being sampled: the run's rows when a run is known."""
-    run = active_run(options)
+    run = story_run_of(options)
     return run.rows if run is not None and run.tag.story == story else story
 
 
@@ -82,7 +83,7 @@ def tag_in_conds(conds: dict) -> StoryRunTag | None:
     tags = []
     for entries in conds.values():
         for entry in entries:
-            tag = entry.get(RUN_TAG_KEY)
+            tag = entry.get(STORY_RUN_TAG_KEY)
             if tag is not None and tag not in tags:
                 tags.append(tag)
     if len(tags) > 1:
@@ -160,10 +161,8 @@ def anchors_mismatch(attention_anchors: int, story_anchors: int) -> ValueError:
 
 def _check_reference_rows(tag: StoryRunTag, model_patcher) -> None:
     """A story with reference rows needs Spectral Reference Anchors: without it they would be sampled as new images."""
-    from .reference_anchors import reference_settings_of  # here: that module builds on this one
-
     references = tag.story.reference_count
-    if references and reference_settings_of(model_patcher) is None:
+    if references and PackPatcher(model_patcher).reference_settings is None:
         raise ValueError(
             f"{STORY_NODE}, input 'reference': the story starts every run with {references} reference row(s), but "
             "the sampled model has no Spectral Reference Anchors node. Add it after the model loader (before or "
@@ -186,12 +185,7 @@ def track_story_runs(model_patcher, anchor_count: int | None, story: Story | Non
             check_run(tag, rows, anchor_count, story)
             check_run_noise(tag, noise, seed)
         _check_reference_rows(tag, guider.model_patcher)
-        options = guider.model_options.setdefault("transformer_options", {})
-        options[ACTIVE_RUN_KEY] = ActiveStoryRun(tag)
-        try:
+        with holding(sampling_options(guider), STORY_RUN_KEY, ActiveStoryRun(tag)):
             return executor(*args, **kwargs)
-        finally:
-            options.pop(ACTIVE_RUN_KEY, None)
 
-    model_patcher.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, _WRAPPER_KEY, sample_story_run)
+    PackPatcher(model_patcher).install_wrapper(WrappersMP.OUTER_SAMPLE, STORY_RUNS_WRAPPER, sample_story_run)

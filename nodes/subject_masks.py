@@ -25,13 +25,20 @@ from ..attention.grid import token_grid
 from ..attention.masks import SubjectMaskHistory, subject_token_probabilities
 from ..attention.sharing import anchor_count_in_chunk
 from .query_blend import recording_queries
-from .sampling_run import SamplingRun, call_of
+from .run_context import (
+    MASKS_SCRATCH_KEY,
+    SUBJECT_MASKS_WRAPPER,
+    UNET_KEY,
+    PackPatcher,
+    call_of,
+    mask_history_of,
+    unet_of_call,
+    with_entry,
+)
+from .sampling_run import SamplingRun
 from .story_runs import rows_of_story
 from .unet_layout import cross_attention_module, layout_of
 
-MASKS_KEY = "spectral_anchors.subject_masks"
-UNET_KEY = "spectral_anchors.unet"
-_WRAPPER_KEY = "spectral_anchors.subject_masks"
 NODE_NAME = "Spectral Anchor Attention"
 
 
@@ -50,10 +57,10 @@ def story_tokens_for_batch(story, images: int) -> tuple[tuple[int, ...], ...]:
 
 def _history_of(run: SamplingRun, subject_tokens: Sequence[Sequence[int]], dropout: float,
                 seed: int) -> SubjectMaskHistory:
-    history = run.scratch.get(MASKS_KEY)
+    history = mask_history_of(run)
     if history is None or history.image_count != len(subject_tokens):
         history = SubjectMaskHistory(subject_tokens, dropout=dropout, seed=seed)
-        run.scratch[MASKS_KEY] = history
+        run.scratch[MASKS_SCRATCH_KEY] = history
     return history
 
 
@@ -76,7 +83,7 @@ def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: in
     coarsest = layout_of(model_patcher.model.diffusion_model).coarsest_cross_attention_layers
 
     def expose_unet(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        transformer_options = {**transformer_options, UNET_KEY: executor.class_obj}
+        transformer_options = with_entry(transformer_options, UNET_KEY, executor.class_obj)
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def read_subject_attention(n, context, value, extra_options):
@@ -86,7 +93,7 @@ def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: in
         layer = (block[0], block[1], extra_options.get("block_index", 0))
         call = call_of(extra_options)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
-        unet = extra_options.get(UNET_KEY)
+        unet = unet_of_call(extra_options)
         if (layer not in coarsest or call is None or call.run is None or unet is None or 0 not in cond_or_uncond
                 or recording_queries(extra_options)):
             return n, context, value
@@ -110,9 +117,7 @@ def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: in
         history.record(call.step, maps, token_grid(shape[-2], shape[-1], n.shape[1]))
         return n, context, value
 
-    read_subject_attention.coarsest_layers = coarsest  # for tests and tools
-    model_patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY, expose_unet)
+    PackPatcher(model_patcher).install_wrapper(WrappersMP.DIFFUSION_MODEL, SUBJECT_MASKS_WRAPPER, expose_unet)
     model_patcher.set_model_attn2_patch(read_subject_attention)
 
 
@@ -122,7 +127,7 @@ def subject_anchor_keep(anchor_count: int, q: torch.Tensor, extra_options: dict)
     The cond chunk's mask serves every chunk, so the same indices go to the uncond chunk.
     """
     call = call_of(extra_options)
-    history = call.run.scratch.get(MASKS_KEY) if call is not None and call.run is not None else None
+    history = mask_history_of(call.run) if call is not None else None
     if history is None:
         return None
     per_chunk = q.shape[0] // len(extra_options["cond_or_uncond"])

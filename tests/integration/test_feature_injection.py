@@ -14,14 +14,11 @@ from comfy_harness import conditioning, tiny_model
 
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-from spectral_anchors.nodes.feature_injection import (
-    INJECTION_KEY,
-    SETTINGS_KEY,
-    feature_step,
-    finest_self_attention_layers,
-)
+from spectral_anchors.nodes.feature_injection import feature_step, finest_self_attention_layers
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
-from spectral_anchors.nodes.sampling_run import RUN_KEY, call_of
+from spectral_anchors.nodes.run_context import INJECTION_RUN_KEY as INJECTION_KEY
+from spectral_anchors.nodes.run_context import INJECTION_SETTINGS_KEY as SETTINGS_KEY
+from spectral_anchors.nodes.run_context import RUN_KEY, call_of
 from spectral_anchors.nodes.story import Story
 from spectral_anchors.nodes.unet_layout import feature_block
 

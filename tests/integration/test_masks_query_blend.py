@@ -17,11 +17,10 @@ from comfy_harness import conditioning, sample, tiny_model
 from spectral_anchors.attention.grid import token_grid
 from spectral_anchors.attention.spectrum import Reweight, Spectrum, Truncate
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-from spectral_anchors.nodes.query_blend import QUERY_BLEND_KEY
-from spectral_anchors.nodes.sampling_run import call_of
+from spectral_anchors.nodes.run_context import MASKS_SCRATCH_KEY as MASKS_KEY
+from spectral_anchors.nodes.run_context import QUERY_BLEND_KEY, call_of
 from spectral_anchors.nodes.sharing_patch import SharingPlan, apply_sharing
 from spectral_anchors.nodes.story import Story
-from spectral_anchors.nodes.subject_masks import MASKS_KEY
 from spectral_anchors.nodes.unet_layout import coarsest_cross_attention_layers, cross_attention_module, selected_layers
 
 LATENT = (16, 24)  # non-square: SDXL-tiny grids 16x24, 8x12, 4x6 (coarsest); SD1.5-tiny down to 2x3

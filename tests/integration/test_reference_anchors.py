@@ -17,8 +17,9 @@ from spectral_anchors.attention.spectrum import Reweight, Spectrum, Truncate
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
-from spectral_anchors.nodes.reference_anchors import REFERENCE_KEY, fit_to
+from spectral_anchors.nodes.reference_anchors import fit_to
 from spectral_anchors.nodes.reference_anchors_node import SpectralReferenceAnchors
+from spectral_anchors.nodes.run_context import REFERENCE_RUN_KEY as REFERENCE_KEY
 
 LATENT = (4, 16, 24)  # non-square on purpose
 REFERENCES = 2
