@@ -74,8 +74,8 @@ def main() -> None:
 
     from spectral_anchors.attention.correspondence import dense_correspondence, smooth_features
     from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-    from spectral_anchors.nodes.feature_injection import feature_step
     from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
+    from spectral_anchors.nodes.feature_injection_passes import feature_step
 
     model = tiny_model("sdxl")
     shared = SpectralAnchorAttention.execute(model, ANCHORS, "decoder", 0.01, 1.0).result[0]

@@ -314,7 +314,7 @@ def test_shipped_workflows_inject_on_consistorys_steps(sdxl):
 
     import comfy.samplers
 
-    from spectral_anchors.nodes.feature_injection import injection_steps
+    from spectral_anchors.nodes.feature_injection_passes import injection_steps
 
     model_sampling = sdxl.get_model_object("model_sampling")  # the tiny UNet has SDXL's noise schedule
     checked = 0

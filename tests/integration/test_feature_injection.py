@@ -14,8 +14,9 @@ from comfy_harness import conditioning, tiny_model
 
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-from spectral_anchors.nodes.feature_injection import feature_step, finest_self_attention_layers
+from spectral_anchors.nodes.feature_injection import finest_self_attention_layers
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
+from spectral_anchors.nodes.feature_injection_passes import feature_step
 from spectral_anchors.nodes.run_context import INJECTION_RUN_KEY as INJECTION_KEY
 from spectral_anchors.nodes.run_context import INJECTION_SETTINGS_KEY as SETTINGS_KEY
 from spectral_anchors.nodes.run_context import RUN_KEY, call_of
