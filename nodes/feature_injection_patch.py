@@ -14,7 +14,7 @@ from ..attention.injection import InjectionIndex, inject_matched_outputs, inject
 from .query_blend import recording_queries
 from .run_context import call_of, injection_run_of, mask_history_of
 from .sampling_run import SamplingRun
-from .unet_layout import LayerKey
+from .unet_layout import LayerKey, layer_of_call
 
 if TYPE_CHECKING:
     from .feature_injection import InjectionSettings
@@ -133,17 +133,13 @@ def make_feature_patch(settings: InjectionSettings, block_id: int):
             state.observe_features(call, h[rows])
         return h, hsp
 
-    read_features.feature_block = block_id  # for tests and tools
     return read_features
 
 
 def make_injection_patch(settings: InjectionSettings, layers: frozenset[LayerKey]):
     def inject_outputs(n, extra_options):
         state = state_of(extra_options, settings)
-        block = extra_options.get("block")
-        if state is None or state.first_pass or block is None:
-            return n
-        if (block[0], block[1], extra_options.get("block_index", 0)) not in layers:
+        if state is None or state.first_pass or layer_of_call(extra_options) not in layers:
             return n
         call = call_of(extra_options)
         if call is None or call.step not in state.window or recording_queries(extra_options):
@@ -159,5 +155,4 @@ def make_injection_patch(settings: InjectionSettings, layers: frozenset[LayerKey
             return n
         return inject_matched_outputs(n, rows.start, index, settings.strength)
 
-    inject_outputs.layers = layers  # for tests and tools
     return inject_outputs

@@ -62,9 +62,3 @@ def build_chain(chain: tuple[ChainStep, ...]):
             arguments["spectrum"] = spectrum
         spectrum = _STEP_NODES[node_id].execute(**arguments).result[0]
     return spectrum
-
-
-def describe_chain(chain: tuple[ChainStep, ...]) -> str:
-    """The chain as the spectrum plot and the badges write it, e.g. "log_squared -> energy(0.95)"."""
-    spectrum = build_chain(chain)
-    return repr(spectrum) if spectrum is not None else "none (unfiltered)"

@@ -32,7 +32,7 @@ from .sampling_run import fresh_control, track_sampling_runs
 from .spectrum_recording import SpectrumRecorder
 from .story_runs import track_story_runs
 from .subject_masks import install_subject_masks, subject_anchor_keep
-from .unet_layout import LayerKey, selected_layers, unet_of
+from .unet_layout import LayerKey, blocks_of, selected_layers, unet_of
 
 if TYPE_CHECKING:
     from .story import Story
@@ -92,7 +92,7 @@ def apply_sharing(model_patcher, plan: SharingPlan):
     recorder = SpectrumRecorder(layers)
     pack.set_spectrum_recorder(recorder)
     layer_indices = {key: index for index, key in enumerate(layers)}
-    for block in dict.fromkeys(key[:2] for key in layers):
+    for block in blocks_of(layers):
         if block not in existing:
             patched.set_model_attn1_replace(_make_block_patch(plan, window, block, layer_indices, recorder), *block)
     return patched
@@ -145,7 +145,6 @@ def _make_block_patch(plan: SharingPlan, window: SigmaWindow, block: tuple[str, 
                                 key_filter=keys_filter, value_filter=values_filter, anchor_keep=anchor_keep,
                                 pair_filter=pair_filter)
 
-    shared_self_attention.block = block  # lets tests and tools see which block a patch serves
     return shared_self_attention
 
 

@@ -66,12 +66,6 @@ def tagged(conditioning: list, tag: StoryRunTag) -> list:
     return [[tensor, {**extras, STORY_RUN_TAG_KEY: tag}] for tensor, extras in conditioning]
 
 
-def tag_of(conditioning: list) -> StoryRunTag | None:
-    """The tag a CONDITIONING carries (as SpectralStoryPrompts made it), or None."""
-    tags = {extras.get(STORY_RUN_TAG_KEY) for _, extras in conditioning} - {None}
-    return next(iter(tags)) if len(tags) == 1 else None
-
-
 def rows_of_story(story: Story, options: dict) -> Story:
     """The story whose prompt b is row b of the batch being sampled: the run's rows when a run is known."""
     run = story_run_of(options)

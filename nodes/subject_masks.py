@@ -37,7 +37,7 @@ from .run_context import (
 )
 from .sampling_run import SamplingRun
 from .story_runs import rows_of_story
-from .unet_layout import cross_attention_module, layout_of
+from .unet_layout import cross_attention_module, layer_of_call, layout_of
 
 NODE_NAME = "Spectral Anchor Attention"
 
@@ -87,10 +87,9 @@ def install_subject_masks(model_patcher, story_of_plan, dropout: float, seed: in
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def read_subject_attention(n, context, value, extra_options):
-        block = extra_options.get("block")
-        if block is None or context is None:
+        layer = layer_of_call(extra_options)
+        if layer is None or context is None:
             return n, context, value
-        layer = (block[0], block[1], extra_options.get("block_index", 0))
         call = call_of(extra_options)
         cond_or_uncond = extra_options.get("cond_or_uncond") or [0]
         unet = unet_of_call(extra_options)

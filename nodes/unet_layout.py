@@ -171,6 +171,21 @@ def layer_token_grid(unet: UNetModel, layer: LayerKey, latent_height: int, laten
     return layout_of(unet).token_grid(layer, latent_height, latent_width)
 
 
+def layer_of_call(extra_options: dict) -> LayerKey | None:
+    """The layer an attention patch is called for, from the block and index ComfyUI hands it (None outside a
+    SpatialTransformer)."""
+    block = extra_options.get("block")
+    if block is None:
+        return None
+    return (block[0], block[1], extra_options.get("block_index", 0))
+
+
+def blocks_of(layers: list[LayerKey]) -> list[tuple[str, int]]:
+    """The UNet blocks (block name, block id) that hold these layers, in the layers' order: the 2-part keys of
+    ComfyUI's attn1 replacements, one per block (which block a sharing patch serves)."""
+    return list(dict.fromkeys(key[:2] for key in layers))
+
+
 def cross_attention_module(unet: UNetModel, layer: LayerKey):
     """The CrossAttention module (attn2) of one transformer block, by ComfyUI's (block, id, index) key."""
     block_name, block_id, index = layer
