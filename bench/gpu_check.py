@@ -170,7 +170,7 @@ def unet_model(device: torch.device, dtype: torch.dtype, smoke: bool):
 def unet_check(device: torch.device, dtype: torch.dtype, smoke: bool, repeats: int) -> None:
     import comfy.sample
 
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 
     model = unet_model(device, dtype, smoke)
     side = 32 if smoke else 128  # latent side: 256 or 1024 pixels

@@ -73,7 +73,7 @@ def main() -> None:
     import comfy.samplers
 
     from spectral_anchors.attention.correspondence import dense_correspondence, smooth_features
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
     from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
     from spectral_anchors.nodes.feature_injection_passes import feature_step
 

@@ -104,7 +104,7 @@ SETTINGS: list[Setting] = [
     Setting("query blending", share(query_blending=True), group="ConsiStory"),
     Setting("feature injection", share() + [("SpectralFeatureInjection", {})], group="ConsiStory"),
     Setting("same noise", share(), same_noise=True, group="ConsiStory"),
-    # The plain-language presets of SpectralConsistencyPreset (nodes/presets.py), as a user picks them.
+    # The plain-language presets of SpectralConsistencyPreset (nodes/preset.py), as a user picks them.
     *(Setting(f"preset {name}", [("SpectralConsistencyPreset", {"preset": name})], group="presets", extended=True)
       for name in ("recommended", "stronger identity", "more variety", "less background leakage")),
     Setting("sheet spectra start 0.1", share(key=[truncate("quantile", 0.05)],

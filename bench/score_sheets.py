@@ -134,7 +134,7 @@ def main() -> None:
 
     boot_comfy(args.cpu)
     load_pack()
-    from spectral_anchors.nodes.consistency_score import SpectralConsistencyScore
+    from spectral_anchors.nodes.consistency_score_node import SpectralConsistencyScore
 
     clip_vision = load_clip_vision(args.clip_vision, args.config)
     reference = None

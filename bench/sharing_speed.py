@@ -106,7 +106,7 @@ def peak_extra_memory_mib(tokens: int, channels: int, heads: int) -> tuple[float
 def tiny_model_steps() -> None:
     from comfy_harness import conditioning, sample, tiny_model
 
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 
     model = tiny_model("sdxl")
     patched = SpectralAnchorAttention.execute(model, ANCHORS, "decoder", 0.0, 1.0).result[0]

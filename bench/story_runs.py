@@ -45,7 +45,7 @@ def setup(size: int):
 
 
 def story(clip, scenes: int, images_per_batch: int, size: int):
-    from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+    from spectral_anchors.nodes.story_node import SpectralStoryPrompts
 
     lines = "\n".join(f"scene number {index} of the story" for index in range(scenes))
     return SpectralStoryPrompts.execute(clip, "a red fox in a blue scarf", "fox", lines, "a photo of {subject} {scene}",
@@ -55,7 +55,7 @@ def story(clip, scenes: int, images_per_batch: int, size: int):
 def sampling(model, outputs, steps: int):
     """A function that samples every run of the story (the stock KSampler path), as a workflow would."""
     import nodes as comfy_nodes
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 
     positives, negatives, latents, the_story = outputs
     patched = SpectralAnchorAttention.execute(model, ANCHORS, "decoder", 0.01, 1.0, story=the_story).result[0]

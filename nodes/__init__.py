@@ -2,15 +2,15 @@
 
 from comfy_api.latest import io
 
-from .attention_node import SpectralAnchorAttention
-from .consistency_score import SpectralConsistencyScore
+from .anchor_attention_node import SpectralAnchorAttention
+from .consistency_score_node import SpectralConsistencyScore
 from .feature_injection_node import SpectralFeatureInjection
 from .preset_node import SpectralConsistencyPreset
 from .reference_anchors_node import SpectralReferenceAnchors
 from .sheet_node import SpectralSheet
-from .spectrum_nodes import SpectralReweight, SpectralTruncate
+from .spectrum_node import SpectralReweight, SpectralTruncate
 from .spectrum_plot_node import SpectralSpectrumPlot
-from .story_prompts import SpectralStoryPrompts
+from .story_node import SpectralStoryPrompts
 
 
 def node_list() -> list[type[io.ComfyNode]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.injection import DEFAULT_END, DEFAULT_START, FEATURE_TIMESTEP
-from .attention_node import MAX_ANCHORS
+from .anchor_attention_node import MAX_ANCHORS
 from .feature_injection import LAYER_CHOICES, SOURCE_CHOICES, InjectionSettings, apply_feature_injection
 from .search_aliases import search_aliases
 from .unet_layout import UnsupportedModelError

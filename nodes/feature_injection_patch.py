@@ -11,7 +11,7 @@ from torch import Tensor
 from ..attention.correspondence import Correspondence, dense_correspondence, smooth_features
 from ..attention.grid import token_grid
 from ..attention.injection import InjectionIndex, inject_matched_outputs, injection_index
-from .query_blend import recording_queries
+from .anchor_attention_query_blend import recording_queries
 from .run_context import call_of, injection_run_of, mask_history_of
 from .sampling_run import SamplingRun
 from .unet_layout import LayerKey, layer_of_call

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .attention_node import MAX_ANCHORS
+from .anchor_attention import SharingPlan, apply_sharing
+from .anchor_attention_node import MAX_ANCHORS
 from .io_types import Spectrum
-from .presets import CUSTOM, DEFAULT_PRESET, PRESET_NAMES, PRESETS, build_chain
-from .same_noise import install_same_noise
+from .preset import CUSTOM, DEFAULT_PRESET, PRESET_NAMES, PRESETS, build_chain
+from .preset_same_noise import install_same_noise
 from .search_aliases import search_aliases
-from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import plot_layers_downstream
-from .spectrum_recording import recorder_of
+from .spectrum_plot_recording import recorder_of
 from .unet_layout import UnsupportedModelError
 
 NODE_ID = "SpectralConsistencyPreset"

@@ -23,13 +23,13 @@ from comfy.patcher_extension import WrappersMP
 if TYPE_CHECKING:
     from ..attention.masks import SubjectMaskHistory
     from ..attention.spectrum import SolverState
+    from .anchor_attention import SharingPlan
+    from .anchor_attention_query_blend import QueryBlendPass
     from .feature_injection import InjectionSettings
     from .feature_injection_patch import InjectionRun
-    from .query_blend import QueryBlendPass
     from .reference_anchors import ReferenceRun, ReferenceSettings
     from .sampling_run import ModelCall, SamplingRun
-    from .sharing_patch import SharingPlan
-    from .spectrum_recording import SpectrumRecorder
+    from .spectrum_plot_recording import SpectrumRecorder
     from .story_runs import ActiveStoryRun
 
 # Attachments on the patched ModelPatcher: what each node asked for.
@@ -49,9 +49,9 @@ QUERY_BLEND_KEY = "spectral_anchors.query_blend"
 UNET_KEY = "spectral_anchors.unet"
 
 # SamplingRun.scratch entries.
-SOLVER_SCRATCH_KEY = "spectral_anchors.spectrum_solver"
-MASKS_SCRATCH_KEY = "spectral_anchors.subject_masks"
-SPECTRA_SCRATCH_PREFIX = SPECTRUM_RECORDER_KEY  # + ".<recorder id>": one entry per recorder
+SOLVER_SCRATCH_KEY = "spectral_anchors.spectrum_solver"  # warm-start bases and convergence flags of the solves
+MASKS_SCRATCH_KEY = "spectral_anchors.subject_masks"  # the subject mask history (attention/masks.py)
+SPECTRA_SCRATCH_PREFIX = SPECTRUM_RECORDER_KEY  # + ".<recorder id>": one run's recorded spectra per recorder
 
 # A plain string key in a conditioning's dict: every ComfyUI conditioning node copies unknown keys along.
 STORY_RUN_TAG_KEY = "spectral_anchors_story_run"

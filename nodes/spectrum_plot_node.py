@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .search_aliases import search_aliases
 from .spectrum_plot import draw_spectra
-from .spectrum_recording import recorder_of
+from .spectrum_plot_recording import recorder_of
 from .unet_layout import layer_token_grid, unet_of
 
 NODE_ID = "SpectralSpectrumPlot"

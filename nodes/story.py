@@ -2,7 +2,7 @@
 
 Nothing here imports comfy: prompt assembly, input checks and the search for the subject word's tokens work on
 plain strings and token ids, so they can be reasoned about (and tested) without a text encoder. The ComfyUI
-glue that tokenizes and encodes lives in story_prompts.py.
+glue that tokenizes and encodes lives in story_node.py.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_references_show_one_subject_in_their_scenes(shipped, detector):
 
 
 def test_two_references_pull_the_targets_subject_and_come_out_unchanged(pack, shipped, detector):
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
     from spectral_anchors.nodes.reference_anchors_node import SpectralReferenceAnchors
 
     model, vocab, config, _ = shipped

@@ -170,7 +170,7 @@ def test_shipped_weights_load_and_reproduce_recorded_vanilla(shipped, detector):
 
 
 def test_default_sharing_improves_consistency_with_bounded_leakage(pack, shipped, detector):
-    from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+    from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 
     model, vocab, config, _ = shipped
     schema = SpectralAnchorAttention.define_schema()

@@ -16,8 +16,8 @@ from comfy.patcher_extension import WrappersMP
 from comfy_harness import conditioning, sample, tiny_controlnet, tiny_model
 
 import nodes as comfy_nodes
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-from spectral_anchors.nodes.sharing_patch import SharingPlan, apply_sharing
+from spectral_anchors.nodes.anchor_attention import SharingPlan, apply_sharing
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 
 SMALL_LATENT = (8, 12)  # non-square; 8x12, 4x6, 2x3 token grids in the tiny SDXL UNet
 

@@ -10,7 +10,7 @@ import torch
 from clip_harness import tiny_clip
 from clip_vision_harness import tiny_clip_vision
 
-from spectral_anchors.nodes.consistency_score import SpectralConsistencyScore
+from spectral_anchors.nodes.consistency_score_node import SpectralConsistencyScore
 from spectral_anchors.nodes.story import Story
 
 # Random-weight encoders map every pair of images to fairly similar embeddings; 1e-5 of a cosine is float32

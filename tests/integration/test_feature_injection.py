@@ -13,7 +13,7 @@ import torch
 from comfy_harness import conditioning, tiny_model
 
 from spectral_anchors.nodes import node_list
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection import finest_self_attention_layers
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
 from spectral_anchors.nodes.feature_injection_passes import feature_step

@@ -16,10 +16,10 @@ from comfy_harness import conditioning, sample, tiny_model
 
 from spectral_anchors.attention.grid import token_grid
 from spectral_anchors.attention.spectrum import Reweight, Spectrum, Truncate
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention import SharingPlan, apply_sharing
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.run_context import MASKS_SCRATCH_KEY as MASKS_KEY
 from spectral_anchors.nodes.run_context import QUERY_BLEND_KEY, call_of
-from spectral_anchors.nodes.sharing_patch import SharingPlan, apply_sharing
 from spectral_anchors.nodes.story import Story
 from spectral_anchors.nodes.unet_layout import coarsest_cross_attention_layers, cross_attention_module, selected_layers
 

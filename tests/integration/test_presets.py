@@ -9,10 +9,10 @@ from comfy_api.latest import io
 from comfy_harness import conditioning, with_hidden
 
 import nodes as comfy_nodes
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.preset import PRESET_NAMES, PRESETS
 from spectral_anchors.nodes.preset_node import SpectralConsistencyPreset
-from spectral_anchors.nodes.presets import PRESET_NAMES, PRESETS
-from spectral_anchors.nodes.spectrum_nodes import SpectralReweight, SpectralTruncate
+from spectral_anchors.nodes.spectrum_node import SpectralReweight, SpectralTruncate
 from spectral_anchors.nodes.spectrum_plot_node import SpectralSpectrumPlot
 
 # A non-square latent. 6 steps, except for presets with query blending: it acts in the first tenth of the steps

@@ -15,7 +15,7 @@ from comfy_harness import conditioning, tiny_model
 import nodes as comfy_nodes
 from spectral_anchors.attention.spectrum import Reweight, Spectrum, Truncate
 from spectral_anchors.nodes import node_list
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
 from spectral_anchors.nodes.reference_anchors import fit_to
 from spectral_anchors.nodes.reference_anchors_node import SpectralReferenceAnchors

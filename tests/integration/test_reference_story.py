@@ -11,13 +11,13 @@ import pytest
 import torch
 from clip_harness import encode_alone, tiny_clip, tiny_model_for_clip
 
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
 from spectral_anchors.nodes.reference_anchors import fit_to
 from spectral_anchors.nodes.reference_anchors_node import SpectralReferenceAnchors
 from spectral_anchors.nodes.sheet_node import SpectralSheet
 from spectral_anchors.nodes.story import default_reference_prompt, plan_runs
-from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+from spectral_anchors.nodes.story_node import SpectralStoryPrompts
 
 SUBJECT = "a red fox wearing a blue scarf"
 STYLE = "a photo of {subject} {scene}, cinematic"

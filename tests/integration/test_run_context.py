@@ -10,12 +10,12 @@ import pytest
 import torch
 from comfy_harness import PACK_ROOT, tiny_model
 
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection import InjectionSettings, apply_feature_injection
+from spectral_anchors.nodes.preset_same_noise import install_same_noise
 from spectral_anchors.nodes.reference_anchors import ReferenceSettings, apply_reference_anchors
 from spectral_anchors.nodes.run_context import WRAPPER_ORDER, PackPatcher
-from spectral_anchors.nodes.same_noise import install_same_noise
-from spectral_anchors.nodes.spectrum_nodes import SpectralTruncate
+from spectral_anchors.nodes.spectrum_node import SpectralTruncate
 from spectral_anchors.nodes.story import Story
 
 

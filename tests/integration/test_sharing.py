@@ -8,7 +8,7 @@ import torch
 from comfy_harness import conditioning, sample, tiny_model
 from reference import reference_shared_attention
 
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.unet_layout import selected_layers
 
 LATENT = (4, 16, 24)  # non-square on purpose: 16x24, 8x12, 4x6 token grids

@@ -19,7 +19,7 @@ import nodes as comfy_nodes
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.sheet import auto_columns
 from spectral_anchors.nodes.sheet_node import SpectralSheet
-from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+from spectral_anchors.nodes.story_node import SpectralStoryPrompts
 
 SUBJECT = "a red fox wearing a blue scarf"
 STYLE = "a photo of {subject} {scene}, cinematic"

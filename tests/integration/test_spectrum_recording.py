@@ -15,9 +15,9 @@ from comfy_harness import conditioning, sample, tiny_model, with_hidden
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_anchors.attention.spectrum import Spectrum, Truncate
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.spectrum_plot_node import ALL_LAYERS, SpectralSpectrumPlot, plot_layers_downstream
-from spectral_anchors.nodes.spectrum_recording import recorder_of
+from spectral_anchors.nodes.spectrum_plot_recording import recorder_of
 
 LATENT = (4, 8, 12)
 QUARTER = Spectrum().then(Truncate("quantile", 0.25))

@@ -10,10 +10,10 @@ from reference import reference_shared_attention, reference_spectrum_filter
 
 from spectral_anchors.attention.sharing import shared_attention
 from spectral_anchors.attention.spectrum import Reweight, Spectrum, Truncate
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
-from spectral_anchors.nodes.spectrum_nodes import SpectralReweight, SpectralTruncate
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.spectrum_node import SpectralReweight, SpectralTruncate
 from spectral_anchors.nodes.spectrum_plot_node import SpectralSpectrumPlot, plot_layers_downstream
-from spectral_anchors.nodes.spectrum_recording import recorder_of
+from spectral_anchors.nodes.spectrum_plot_recording import recorder_of
 
 LATENT = (4, 16, 24)
 

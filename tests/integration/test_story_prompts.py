@@ -16,7 +16,7 @@ import nodes as comfy_nodes
 from spectral_anchors.nodes import node_list
 from spectral_anchors.nodes.run_context import STORY_RUN_TAG_KEY as RUN_TAG_KEY
 from spectral_anchors.nodes.story import MAX_SCENES, Story, build_prompt, default_subject_word, find_word_positions
-from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+from spectral_anchors.nodes.story_node import SpectralStoryPrompts
 from spectral_anchors.nodes.story_runs import StoryRunTag
 
 SUBJECT = "a red fox wearing a blue scarf"

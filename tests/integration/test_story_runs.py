@@ -20,11 +20,11 @@ from comfy_extras.nodes_custom_sampler import (
 )
 
 import nodes as comfy_nodes
-from spectral_anchors.nodes.attention_node import SpectralAnchorAttention
+from spectral_anchors.nodes.anchor_attention_node import SpectralAnchorAttention
 from spectral_anchors.nodes.feature_injection_node import SpectralFeatureInjection
 from spectral_anchors.nodes.run_context import STORY_RUN_TAG_KEY as RUN_TAG_KEY
-from spectral_anchors.nodes.spectrum_nodes import SpectralReweight, SpectralTruncate
-from spectral_anchors.nodes.story_prompts import SpectralStoryPrompts
+from spectral_anchors.nodes.spectrum_node import SpectralReweight, SpectralTruncate
+from spectral_anchors.nodes.story_node import SpectralStoryPrompts
 
 SUBJECT = "a red fox wearing a blue scarf"
 STYLE = "a photo of {subject} {scene}, cinematic"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import io_types
+from .anchor_attention import SharingPlan, apply_sharing
 from .io_types import Spectrum
 from .search_aliases import search_aliases
-from .sharing_patch import SharingPlan, apply_sharing
 from .spectrum_plot_node import ALL_LAYERS, plot_layers_downstream
-from .spectrum_recording import recorder_of
+from .spectrum_plot_recording import recorder_of
 from .story_runs import anchors_mismatch
 from .unet_layout import LAYER_CHOICES, UnsupportedModelError
 

@@ -24,7 +24,7 @@ from comfy.patcher_extension import WrappersMP
 from ..attention.grid import token_grid
 from ..attention.masks import SubjectMaskHistory, subject_token_probabilities
 from ..attention.sharing import anchor_count_in_chunk
-from .query_blend import recording_queries
+from .anchor_attention_query_blend import recording_queries
 from .run_context import (
     MASKS_SCRATCH_KEY,
     SUBJECT_MASKS_WRAPPER,

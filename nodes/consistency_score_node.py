@@ -10,9 +10,9 @@ from torch import Tensor
 
 from ..attention.consistency import Consistency, consistency, cosine_pairs
 from . import io_types
-from .image_embedding import EncoderError, describe_encoder, encode_images
-from .prompt_alignment import AlignmentError, prompt_embeddings
-from .score_chart import draw_scores
+from .consistency_score_alignment import AlignmentError, prompt_embeddings
+from .consistency_score_chart import draw_scores
+from .consistency_score_embedding import EncoderError, describe_encoder, encode_images
 
 NODE_ID = "SpectralConsistencyScore"
 NODE_NAME = "Spectral Consistency Score"

@@ -19,7 +19,8 @@ from comfy.patcher_extension import WrappersMP
 from ..attention.schedule import SigmaWindow
 from ..attention.sharing import shared_attention
 from ..attention.spectrum import SolverState, filter_groups_with_values
-from .query_blend import blended_queries, install_query_blending, record_queries, recording_queries
+from .anchor_attention_masks import install_subject_masks, subject_anchor_keep
+from .anchor_attention_query_blend import blended_queries, install_query_blending, record_queries, recording_queries
 from .run_context import (
     SOLVER_SCRATCH_KEY,
     SPECTRUM_SETTLE_WRAPPER,
@@ -29,9 +30,8 @@ from .run_context import (
     solver_state_of,
 )
 from .sampling_run import fresh_control, track_sampling_runs
-from .spectrum_recording import SpectrumRecorder
+from .spectrum_plot_recording import SpectrumRecorder
 from .story_runs import track_story_runs
-from .subject_masks import install_subject_masks, subject_anchor_keep
 from .unet_layout import LayerKey, blocks_of, selected_layers, unet_of
 
 if TYPE_CHECKING:
@@ -48,12 +48,13 @@ class SharingPlan:
     end_percent: float
     key_spectrum: object | None = None
     value_spectrum: object | None = None
-    # ConsiStory's subject masks (nodes/subject_masks.py): anchors share only their subject tokens, minus dropout.
+    # ConsiStory's subject masks (nodes/anchor_attention_masks.py): anchors share only their subject tokens, minus
+    # dropout.
     subject_masks: bool = False
     mask_dropout: float = 0.5
     mask_seed: int = 0
     story: Story | None = None
-    # ConsiStory's query blending (nodes/query_blend.py): s on the first and the last blending step.
+    # ConsiStory's query blending (nodes/anchor_attention_query_blend.py): s on the first and the last blending step.
     query_blend: bool = False
     query_blend_weights: tuple[float, float] = (0.9, 0.82)
 

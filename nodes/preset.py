@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spectrum_nodes import SpectralReweight, SpectralTruncate
+from .spectrum_node import SpectralReweight, SpectralTruncate
 
 # One step of a SPECTRUM chain: (node id, that node's inputs), applied first to last.
 ChainStep = tuple[str, dict]
