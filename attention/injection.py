@@ -9,7 +9,7 @@ Blending after the layer's to_out projection is exactly the same as blending bef
 (W x + b) and the two weights sum to 1, so W (s a + (1 - s) b) + b = s (W a + b) + (1 - s) (W b + b).
 
 When: the steps whose sigma lies in ComfyUI's percent window (model_sampling.percent_to_sigma of start and end, as
-ControlNet's and Deep Shrink's windows; see nodes/feature_injection.py). The feature step of the two-pass variant
+ControlNet's and Deep Shrink's windows; see nodes/feature_injection_passes.py). The feature step of the two-pass variant
 is the schedule step whose model timestep is nearest the target (261 of 1000).
 
 Plain PyTorch; never imports comfy.

@@ -8,8 +8,7 @@ from . import io_types
 from .anchor_attention import SharingPlan, apply_sharing
 from .io_types import Spectrum
 from .search_aliases import search_aliases
-from .spectrum_plot_node import ALL_LAYERS, plot_layers_downstream
-from .spectrum_plot_recording import recorder_of
+from .spectrum_plot_node import arm_plots_downstream
 from .story_runs import anchors_mismatch
 from .unet_layout import LAYER_CHOICES, UnsupportedModelError
 
@@ -121,13 +120,5 @@ class SpectralAnchorAttention(io.ComfyNode):
             patched = apply_sharing(model, plan)
         except UnsupportedModelError as error:
             raise ValueError(f"Spectral Anchor Attention, input 'model': {error}") from None
-        recorder = recorder_of(patched)
-        if recorder is not None:
-            # Unfiltered K or V is decomposed for recording only on the layers a plot in this prompt asks for.
-            for layer in plot_layers_downstream(cls.hidden.prompt if cls.hidden else None,
-                                                cls.hidden.unique_id if cls.hidden else None):
-                if layer == ALL_LAYERS:
-                    recorder.arm_all()
-                else:
-                    recorder.arm(layer)
+        arm_plots_downstream(patched, cls.hidden)
         return io.NodeOutput(patched)

@@ -10,8 +10,7 @@ from .io_types import Spectrum
 from .preset import CUSTOM, DEFAULT_PRESET, PRESET_NAMES, PRESETS, build_chain
 from .preset_same_noise import install_same_noise
 from .search_aliases import search_aliases
-from .spectrum_plot_node import plot_layers_downstream
-from .spectrum_plot_recording import recorder_of
+from .spectrum_plot_node import arm_plots_downstream
 from .unet_layout import UnsupportedModelError
 
 NODE_ID = "SpectralConsistencyPreset"
@@ -86,9 +85,5 @@ class SpectralConsistencyPreset(io.ComfyNode):
             raise ValueError(f"{NODE_NAME}, input 'model': {error}") from None
         if settings.same_noise:
             install_same_noise(patched)
-        recorder = recorder_of(patched)
-        if recorder is not None:
-            for layer in plot_layers_downstream(cls.hidden.prompt if cls.hidden else None,
-                                                cls.hidden.unique_id if cls.hidden else None):
-                recorder.arm(layer)
+        arm_plots_downstream(patched, cls.hidden)
         return io.NodeOutput(patched)

@@ -35,6 +35,20 @@ def plot_layers_downstream(prompt: dict | None, attention_node_id: str | None) -
     return wanted
 
 
+def arm_plots_downstream(patched, hidden) -> None:
+    """Arm the recorder of a patched MODEL for the layers the plots downstream of this node ask for (every layer
+    for a linked `layer`): an unfiltered K or V is decomposed for recording only there. hidden: the node's
+    cls.hidden (the prompt and the node's id), None outside ComfyUI's executor."""
+    recorder = recorder_of(patched)
+    if recorder is None or hidden is None:
+        return
+    for layer in plot_layers_downstream(hidden.prompt, hidden.unique_id):
+        if layer == ALL_LAYERS:
+            recorder.arm_all()
+        else:
+            recorder.arm(layer)
+
+
 def _layer_of(prompt: dict, layer) -> int:
     if isinstance(layer, list) and layer:  # a link: a primitive node's constant, or unknown until run time
         source = prompt.get(str(layer[0]), {})

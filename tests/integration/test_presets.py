@@ -14,6 +14,7 @@ from spectral_anchors.nodes.preset import PRESET_NAMES, PRESETS
 from spectral_anchors.nodes.preset_node import SpectralConsistencyPreset
 from spectral_anchors.nodes.spectrum_node import SpectralReweight, SpectralTruncate
 from spectral_anchors.nodes.spectrum_plot_node import SpectralSpectrumPlot
+from spectral_anchors.nodes.spectrum_plot_recording import recorder_of
 
 # A non-square latent. 6 steps, except for presets with query blending: it acts in the first tenth of the steps
 # after the first, so only from 20 steps on.
@@ -162,3 +163,14 @@ def test_spectrum_plot_draws_a_preset_run(model, family):
     samples = ksampler(patched, family, empty_latent(), steps=3)
     image = SpectralSpectrumPlot.execute(patched, {"samples": samples}, 0, -1).result[0]
     assert image.ndim == 4 and image.shape[-1] == 3
+
+
+@pytest.mark.parametrize("node_class,arguments", [(SpectralConsistencyPreset, ("recommended", 2)),
+                                                  (SpectralAnchorAttention, (2, "decoder", 0.01, 1.0))])
+def test_a_plot_with_a_linked_layer_arms_every_layer_behind_either_node(model, family, node_class, arguments):
+    prompt = {"5": {"class_type": node_class.GET_SCHEMA().node_id, "inputs": {}},
+              "6": {"class_type": "SimpleMath", "inputs": {}},
+              "9": {"class_type": "SpectralSpectrumPlot", "inputs": {"model": ["5", 0], "layer": ["6", 0]}}}
+    node = with_hidden(node_class, {io.Hidden.prompt: prompt, io.Hidden.unique_id: "5"})
+    recorder = recorder_of(node.execute(model, *arguments).result[0])
+    assert recorder.armed_layers == set(range(len(recorder.layer_keys)))
