@@ -152,3 +152,50 @@ def with_hidden(node_class, hidden: dict):
 
     parameter = next(iter(inspect.signature(node_class.PREPARE_CLASS_CLONE).parameters))
     return node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if parameter == "v3_data" else hidden)
+
+
+class RecordNode:
+    """A test output node ("Record"): keeps every entry of what reaches it under its `key`, in RecordNode.seen."""
+
+    seen: dict = {}
+    RETURN_TYPES = ()
+    FUNCTION = "record"
+    OUTPUT_NODE = True
+    INPUT_IS_LIST = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {"value": ("*",), "key": ("STRING", {"default": ""})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types):  # noqa: N802
+        return True
+
+    def record(self, value, key):
+        self.seen[key[0]] = list(value)
+        return {}
+
+
+class _SilentServer:
+    """Where the executor sends its progress messages (nobody listens in a test)."""
+
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+def run_prompt(prompt: dict, prompt_id: str = "test"):
+    """Execute an API prompt with ComfyUI's own PromptExecutor (no cache) up to its Record nodes; the executor."""
+    import concurrent.futures
+
+    import execution
+
+    executor = execution.PromptExecutor(_SilentServer(), cache_type=False, cache_args={"lru": 0, "ram": 0})
+    outputs = [node_id for node_id, node in prompt.items() if node["class_type"] == "Record"]
+    # The executor calls asyncio.run: a worker thread keeps it clear of any event loop running on this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        worker.submit(executor.execute, prompt, prompt_id, {}, outputs).result()
+    return executor

@@ -8,12 +8,10 @@ cannot have: a loader that hands out the tiny MODEL and CLIP, and a decoder that
 
 from __future__ import annotations
 
-import concurrent.futures
-
-import execution
 import pytest
 import torch
 from clip_harness import tiny_clip, tiny_model_for_clip
+from comfy_harness import RecordNode, run_prompt
 
 import nodes as comfy_nodes
 from spectral_anchors.nodes import node_list
@@ -163,56 +161,14 @@ class _LatentToImage:
         return (image.movedim(1, -1).contiguous(),)
 
 
-class _Record:
-    """An output node that keeps every entry of what reaches it."""
-
-    seen: dict = {}
-    RETURN_TYPES = ()
-    FUNCTION = "record"
-    OUTPUT_NODE = True
-    INPUT_IS_LIST = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"value": ("*",), "key": ("STRING", {"default": ""})}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types):
-        return True
-
-    def record(self, value, key):
-        self.seen[key[0]] = list(value)
-        return {}
-
-
-class _Server:
-    """Where the executor sends its progress messages (nobody listens in a test)."""
-
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-
-def _run_prompt(prompt: dict) -> execution.PromptExecutor:
-    executor = execution.PromptExecutor(_Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
-    outputs = [node_id for node_id, node in prompt.items() if node["class_type"] == "Record"]
-    # In a worker thread: the browser tests' Playwright may leave an event loop running on this one.
-    with concurrent.futures.ThreadPoolExecutor(1) as worker:
-        worker.submit(executor.execute, prompt, "test", {}, outputs).result()
-    return executor
-
-
 @pytest.fixture
 def registered(monkeypatch, clip):
     _TinyLoader.models = {"model": tiny_model_for_clip("sdxl"), "clip": clip}
-    _Record.seen = {}
-    for name, node in {"TinyLoader": _TinyLoader, "LatentToImage": _LatentToImage, "Record": _Record,
+    RecordNode.seen = {}
+    for name, node in {"TinyLoader": _TinyLoader, "LatentToImage": _LatentToImage, "Record": RecordNode,
                        **{cls.GET_SCHEMA().node_id: cls for cls in node_list()}}.items():
         monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, name, node)
-    return _Record.seen
+    return RecordNode.seen
 
 
 def _story_prompt(story_inputs: dict, sheet_node: bool = True) -> dict:
@@ -241,14 +197,14 @@ def _story_prompt(story_inputs: dict, sheet_node: bool = True) -> dict:
 
 
 def test_a_split_story_through_the_executor_equals_the_one_batch_prompt(registered):
-    executor = _run_prompt(_story_prompt({"anchors": 2, "images_per_batch": 4}))
+    executor = run_prompt(_story_prompt({"anchors": 2, "images_per_batch": 4}))
     assert executor.success, executor.status_messages[-1]
     split = dict(registered)
     assert [latent["samples"].shape[0] for latent in split["latents"]] == [4, 4]  # the sampler ran once per run
 
     # A workflow saved before the story had anchors / images_per_batch: one run, as before.
     registered.clear()
-    executor = _run_prompt(_story_prompt({}))
+    executor = run_prompt(_story_prompt({}))
     assert executor.success, executor.status_messages[-1]
     (one_batch,) = registered["latents"]
     assert one_batch["samples"].shape[0] == 6
@@ -262,7 +218,7 @@ def test_a_split_story_through_the_executor_equals_the_one_batch_prompt(register
 
 
 def test_an_old_workflow_without_the_sheet_runs_unchanged(registered):
-    executor = _run_prompt(_story_prompt({}, sheet_node=False))
+    executor = run_prompt(_story_prompt({}, sheet_node=False))
     assert executor.success, executor.status_messages[-1]
     (latent,) = registered["latents"]
     assert latent["samples"].shape == (6, 4, 12, 16) and "batch_index" not in latent

@@ -14,16 +14,15 @@ refactor left the images alone. Regenerate them only for an intended change of t
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import sys
 from pathlib import Path
 
-import execution
 import pytest
 import torch
 from clip_harness import tiny_clip, tiny_model_for_clip
+from comfy_harness import RecordNode, run_prompt
 
 import nodes as comfy_nodes
 from spectral_anchors.nodes import node_list
@@ -88,37 +87,6 @@ class _ReferenceLatent:
     def encode(self):
         generator = torch.Generator().manual_seed(7)
         return ({"samples": torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=generator) * 5.0},)
-
-
-class _Record:
-    """An output node that keeps every entry of what reaches it (a story split into runs gives several)."""
-
-    seen: dict = {}
-    RETURN_TYPES = ()
-    FUNCTION = "record"
-    OUTPUT_NODE = True
-    INPUT_IS_LIST = True
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):  # noqa: N802
-        return {"required": {"value": ("*",), "key": ("STRING", {"default": ""})}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types):  # noqa: N802
-        return True
-
-    def record(self, value, key):
-        self.seen[key[0]] = list(value)
-        return {}
-
-
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
 
 
 def _core_nodes() -> dict:
@@ -186,15 +154,6 @@ def api_prompt(graph) -> tuple[dict, list[str]]:
     return prompt, samplers
 
 
-def _run(prompt: dict) -> execution.PromptExecutor:
-    executor = execution.PromptExecutor(_Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
-    outputs = [key for key, node in prompt.items() if node["class_type"] == "Record"]
-    # In a worker thread: the browser tests' Playwright may leave an event loop running on this one.
-    with concurrent.futures.ThreadPoolExecutor(1) as worker:
-        worker.submit(executor.execute, prompt, "fingerprints", {}, outputs).result()
-    return executor
-
-
 def fingerprint(latents: list[dict]) -> list:
     """Every run's latent, average-pooled to 8x8, divided by the run's largest magnitude and rounded to 1e-4:
     [runs] of {"scale": the largest magnitude, "pooled": [images][channels][8][8]}.
@@ -216,7 +175,7 @@ def registered():
     _TinyCheckpoint.models = {family: {"model": tiny_model_for_clip(family), "clip": tiny_clip(family)}
                               for family in ("sdxl", "sd15")}
     stand_ins = {"TinyCheckpoint": _TinyCheckpoint, "LatentToImage": _LatentToImage,
-                 "ReferenceLatent": _ReferenceLatent, "Record": _Record, **_core_nodes(),
+                 "ReferenceLatent": _ReferenceLatent, "Record": RecordNode, **_core_nodes(),
                  **{cls.GET_SCHEMA().node_id: cls for cls in node_list()}}
     mappings = comfy_nodes.NODE_CLASS_MAPPINGS
     saved = {name: mappings.get(name) for name in stand_ins}
@@ -242,10 +201,10 @@ def _max_difference(actual, expected) -> float:
 def test_shipped_workflow_gives_the_recorded_latents(registered, name):
     prompt, samplers = api_prompt(WORKFLOWS[name])
     assert samplers, "every shipped workflow samples"
-    _Record.seen = {}
-    executor = _run(prompt)
+    RecordNode.seen = {}
+    executor = run_prompt(prompt)
     assert executor.success, executor.status_messages[-1]
-    prints = {key: fingerprint(_Record.seen[key]) for key in samplers}
+    prints = {key: fingerprint(RecordNode.seen[key]) for key in samplers}
     if WRITE:
         registered[name] = prints
         return
