@@ -425,9 +425,8 @@ def _qr_svd(rows: Tensor, solver: torch.device, tall: bool) -> tuple[Tensor, Ten
 def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, width: int) -> Tensor:
     """x V diag(factor) V^T (tall) or U diag(factor) U^T x (wide), in x's dtype.
 
-    Only the `width` leading columns take part (every later factor is zero, known from the chain), so a
-    truncation to k values costs two thin [T, C] x [C, k] products instead of a full [T, C] x [C, C] one. The
-    width comes from the chain and the shape, never from the values: no host sync.
+    Only the `width` leading columns take part (the caller knows every later factor is zero), so a truncation
+    to k values costs two thin [T, C] x [C, k] products instead of a full [T, C] x [C, C] one.
     """
     basis = basis[..., :width].to(x.device, x.dtype)
     factor = factor[..., :width].to(x.device, x.dtype)
@@ -445,11 +444,23 @@ def _work_copy(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]],
-                 allow_float64: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The full decomposition of every matrix, then each row group's chain: (filtered, before, after).
+@dataclass(frozen=True)
+class FullResult:
+    filtered: Tensor  # [n, T, C], the working dtype
+    before: Tensor  # [n, r] singular values (NaN for a non-finite matrix)
+    after: Tensor  # [n, r] the same after the chain
+    needed: Tensor  # [n] long: the leading basis columns each matrix's rebuild needs (0 when it passes through)
+    width: int  # the columns the rebuild used: exact for every matrix with needed <= width
 
-    chains: (steps, rows) in order, covering work's batch. No host sync.
+
+def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]],
+                 allow_float64: bool, width: int | None = None, sync: bool = False) -> FullResult:
+    """The full decomposition of every matrix, then each row group's chain.
+
+    chains: (steps, rows) in order, covering work's batch. The rebuild takes the leading `width` basis columns
+    (bounded by what the chains' fixed/quantile steps keep): inside sampling the previous step's need plus a
+    margin, checked by the caller through `needed`; with `sync` (a complete call outside sampling) exactly what
+    the matrices need, read on the host. Otherwise no host sync.
     """
     r = min(work.shape[-2], work.shape[-1])
     before, basis, tall, finite = _gram_eigen(work, allow_float64)
@@ -461,17 +472,22 @@ def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, 
         factors.append(factor)
         start += rows
     after, factor = torch.cat(afters), torch.cat(factors)
-    width = max(prefix_width(steps, r) for steps, _ in chains)
-    filtered = _rebuild_from_basis(work, basis, factor, tall, width)
     # Nothing changed (fixed N >= r, energy 1.0): the input as it was, not a rounding-perturbed rebuild. A
     # non-finite matrix has no spectrum: it passes through untouched (values reported as NaN) instead of
     # poisoning the batch.
-    unchanged = (factor == 1).all(-1)
-    filtered = torch.where((unchanged | ~finite)[:, None, None], original.to(filtered.dtype), filtered)
+    passes = (factor == 1).all(-1) | ~finite
+    position = torch.arange(1, r + 1, device=factor.device)
+    needed = torch.where(passes, 0, ((factor != 0) * position).amax(-1))
+    static = max(prefix_width(steps, r) for steps, _ in chains)
+    if sync:
+        width = int(needed.max())
+    width = static if width is None else max(1, min(width, static))
+    filtered = _rebuild_from_basis(work, basis, factor, tall, width)
+    filtered = torch.where(passes[:, None, None], original.to(filtered.dtype), filtered)
     nan = torch.full_like(before, float("nan"))
     before = torch.where(finite[:, None], before, nan)
     after = torch.where(finite[:, None], after, nan)
-    return filtered, before, after
+    return FullResult(filtered=filtered, before=before, after=after, needed=needed, width=width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,30 +527,26 @@ def _truncation_counts(values: Tensor, total: Tensor, steps: tuple[Step, ...], r
     return count.clamp_max(block), determined
 
 
+# A call made outside sampling is complete and may read the host: its cold solve stops as soon as every matrix is
+# certified, checked after SYNC_FIRST_GRAM_ITERATIONS on the Gram matrix, again after the rest of GRAM_ITERATIONS,
+# and after one more X-level iteration; the full decomposition decides for whatever is still uncertified.
+SYNC_FIRST_GRAM_ITERATIONS = 3
+
+
 @dataclass(frozen=True)
 class TopkResult:
-    filtered: Tensor  # [n, T, C], x's working dtype
+    filtered: list[Tensor]  # per part [n_i, T, C], the working dtype
     basis: Tensor  # [n, m, p] right vectors of the short side, for the next step's warm start
     converged: Tensor  # [n] bool: the residual check passed and the kept count was determined
     before: Tensor  # [n, r] the block's certified leading Ritz values, then NaN (not computed)
     after: Tensor  # [n, r] the same after the chain (dropped values 0)
 
 
-def _filter_topk(work: Tensor, chains: list[tuple[tuple[Step, ...], int]], block: int,
-                 start: Tensor | None, allow_float64: bool) -> TopkResult:
-    """Pure truncation chains by the iterative solver: X V_k V_k^T from the certified top-k pairs. No host sync."""
-    tall = work.shape[-2] >= work.shape[-1]
-    r = min(work.shape[-2], work.shape[-1])
-    # ||X||_F^2 from the rows' norms: one read of X and no full-size temporary (an [n, T, C] copy costs about
-    # as much as a product with the block here). Row norms in the working dtype are accurate to u relative, and
-    # accumulating them in float64 keeps the energy fractions exact to that level.
-    total = torch.linalg.vector_norm(work, dim=-1).to(torch.float64 if allow_float64 else work.dtype).square()
-    total = total.sum(-1)
-    finite = torch.isfinite(total)
-    # A non-finite matrix is not cleaned here (that would copy X): the solver keeps its NaN inside that matrix's
-    # own products and small problems, and its result is replaced by the input below.
-    rows = work if tall else work.mT
-    top = topk.top_singular(rows, block, start=start, allow_float64=allow_float64)
+def _accept(top: topk.TopSingular, total: Tensor, finite: Tensor, chains: list[tuple[tuple[Step, ...], int]],
+            r: int) -> tuple[Tensor, Tensor]:
+    """(kept [n, p] bool: the leading pairs each matrix keeps, converged [n] bool: its kept pairs passed the
+    residual check and its count was determined; a non-finite matrix passes through, which is converged)."""
+    block = top.values.shape[-1]
     counts, determined = [], []
     offset = 0
     for steps, size in chains:
@@ -543,21 +555,63 @@ def _filter_topk(work: Tensor, chains: list[tuple[tuple[Step, ...], int]], block
         determined.append(known)
         offset += size
     count, known = torch.cat(counts), torch.cat(determined)
-    kept = torch.arange(block, device=work.device) < count[:, None]
+    kept = torch.arange(block, device=top.values.device) < count[:, None]
     certified = ((top.residual <= top.tolerance[:, None]) | ~kept).all(-1)
-    # X V_k V_k^T, built in X's own layout (for wide X: right holds its left vectors, projected X^T U).
-    mask = kept.to(work.dtype).unsqueeze(-2)
-    if tall:
-        filtered = (top.projected * mask) @ top.right.mT
-    else:
-        filtered = (top.right * mask) @ top.projected.mT
-    filtered = torch.where(finite[:, None, None], filtered, work, out=filtered)
-    # A non-finite matrix passes through untouched, which is the definition's answer too: converged.
-    converged = (known & certified) | ~finite
+    return kept, (known & certified) | ~finite
+
+
+def _solve_topk(rows: list[Tensor], block: int, start: Tensor | None, allow_float64: bool, sync: bool,
+                accept) -> tuple[topk.TopSingular, Tensor, Tensor]:
+    """The iterative solve and its acceptance (kept, converged). Inside sampling (not sync) a fixed schedule with
+    no host read; outside it, stages that stop at the first one certifying every matrix."""
+    if not sync:
+        top = topk.top_singular(rows, block, start=start, allow_float64=allow_float64)
+        return (top, *accept(top))
+    top = topk.top_singular(rows, block, start=start, iterations=0, allow_float64=allow_float64,
+                            gram_iterations=SYNC_FIRST_GRAM_ITERATIONS)
+    kept, converged = accept(top)
+    # The stages' X^T X V counts as one iteration, so the Gram stages add up to GRAM_ITERATIONS.
+    rest = max(0, topk.GRAM_ITERATIONS - SYNC_FIRST_GRAM_ITERATIONS - 1)
+    for gram_iterations in (rest, 0):
+        if bool(converged.all()):
+            break
+        top = topk.refine(rows, top, gram_iterations if top.gram is not None else 0, allow_float64)
+        kept, converged = accept(top)
+    return top, kept, converged
+
+
+def _filter_topk(parts: list[Tensor], chains: list[tuple[tuple[Step, ...], int]], block: int,
+                 start: Tensor | None, allow_float64: bool, sync: bool = False) -> TopkResult:
+    """Pure truncation chains by the iterative solver: X V_k V_k^T from the certified top-k pairs, for the stacked
+    parts (each group's matrices, never copied into one tensor). No host sync unless `sync` (outside sampling)."""
+    tall = parts[0].shape[-2] >= parts[0].shape[-1]
+    r = min(parts[0].shape[-2], parts[0].shape[-1])
+    # ||X||_F^2 from the rows' norms: one read of X and no full-size temporary (an [n, T, C] copy costs about
+    # as much as a product with the block here). Row norms in the working dtype are accurate to u relative, and
+    # accumulating them in float64 keeps the energy fractions exact to that level.
+    energy_dtype = torch.float64 if allow_float64 else parts[0].dtype
+    total = torch.cat([torch.linalg.vector_norm(part, dim=-1).to(energy_dtype).square().sum(-1) for part in parts])
+    finite = torch.isfinite(total)
+    # A non-finite matrix is not cleaned here (that would copy X): the solver keeps its NaN inside that matrix's
+    # own products and small problems, and its result is replaced by the input below.
+    rows = parts if tall else [part.mT for part in parts]
+    top, kept, converged = _solve_topk(rows, block, start, allow_float64, sync,
+                                       lambda top: _accept(top, total, finite, chains, r))
+    # X V_k V_k^T, built in X's own layout (for wide X: right holds its left vectors, projected X^T U), from the
+    # leading columns the chains can keep at most (known from their fixed/quantile steps and the shape).
+    width = min(block, max(prefix_width(steps, r) for steps, _ in chains))
+    masked = top.projected[..., :width] * kept[:, :width].to(parts[0].dtype).unsqueeze(-2)
+    right = top.right[..., :width]
+    filtered, offset = [], 0
+    for part in parts:
+        own = slice(offset, offset + part.shape[0])
+        offset += part.shape[0]
+        rebuilt = masked[own] @ right[own].mT if tall else right[own] @ masked[own].mT
+        filtered.append(torch.where(finite[own, None, None], rebuilt, part, out=rebuilt))
     # The values worth reporting: the leading Ritz values up to the first whose residual check fails (those
     # after it are lower bounds still converging, not singular values).
     trusted = (top.residual <= top.tolerance[:, None]).int().cumprod(-1).bool()
-    before = torch.full((work.shape[0], r), float("nan"), dtype=top.values.dtype, device=work.device)
+    before = torch.full((total.shape[0], r), float("nan"), dtype=top.values.dtype, device=total.device)
     before[:, :block] = torch.where(trusted, top.values, torch.full_like(top.values, float("nan")))
     before = torch.where(finite[:, None], before, torch.full_like(before, float("nan")))
     after = before.clone()
@@ -666,7 +720,8 @@ class Spectrum:
             filtered, before, after = self._filter_lowrank(x)
         else:
             float64 = device_has_float64(x.device) if allow_float64 is None else allow_float64
-            filtered, before, after = _filter_full(_work_copy(x), x, [(self.steps, n)], float64)
+            full = _filter_full(_work_copy(x), x, [(self.steps, n)], float64)
+            filtered, before, after = full.filtered, full.before, full.after
         return filtered.to(x.dtype), before.to(x.device, torch.float32), after.to(x.device, torch.float32)
 
     def _filter_lowrank(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -699,35 +754,59 @@ class Spectrum:
 # ---------------------------------------------------------------------------------------------
 
 
+# Columns the full route's rebuild adds at least to the previous step's need (see width_hint).
+WIDTH_MARGIN = 16
+
+
+def width_hint(needed: int) -> int:
+    """The rebuild width for the next step of a layer whose full-route rebuild needed `needed` columns: a margin
+    for a spectrum that changes step to step, still far below the full width for the few values a truncation
+    after a reweighting keeps."""
+    return needed + max(WIDTH_MARGIN, needed // 2)
+
+
 class SolverState:
     """Per-run scratch of the spectrum solver (lives on the sampling run, dropped when it ends).
 
     bases: the last right basis per slot (a layer call's identity: layer, chunk layout), for warm starts.
-    pending: convergence flags of this model call's iterative solves, settled once per model call.
+    widths: the full route's rebuild width per slot, from the previous step's need.
+    pending, pending_widths: this model call's convergence flags and rebuild needs, settled once per model call.
     full_slots: slots whose matrices did not converge once in this run; they use the full decomposition.
     """
 
     def __init__(self) -> None:
         self.bases: dict[object, Tensor] = {}
+        self.widths: dict[object, int] = {}
         self.pending: list[tuple[object, Tensor]] = []
+        self.pending_widths: list[tuple[object, Tensor, int]] = []
         self.full_slots: set[object] = set()
 
     def settle(self) -> list[object]:
-        """The slots of this model call whose iterative solve did not converge (one host read for all of them);
-        they switch to the full decomposition for the rest of the run and their bases are dropped."""
+        """The slots of this model call whose result is not exact (one host read for all of them): an iterative
+        solve that did not converge (the slot switches to the full decomposition for the rest of the run and its
+        basis is dropped) or a full-route rebuild that needed more columns than it took (the next width covers
+        them). Every slot's next width follows from what it needed."""
         pending, self.pending = self.pending, []
-        if not pending:
+        widths, self.pending_widths = self.pending_widths, []
+        if not pending and not widths:
             return []
-        flags = torch.stack([flag.all() for _, flag in pending]).tolist()
+        read = torch.stack([flag.all().long() for _, flag in pending] + [needed for _, needed, _ in widths]).tolist()
+        flags, needs = read[:len(pending)], read[len(pending):]
         failed = [slot for (slot, _), ok in zip(pending, flags, strict=True) if not ok]
         for slot in failed:
             self.full_slots.add(slot)
             self.bases.pop(slot, None)
+        for (slot, _, used), needed in zip(widths, needs, strict=True):
+            self.widths[slot] = width_hint(needed)
+            if needed > used:
+                failed.append(slot)
         return failed
 
     def clear(self) -> None:
         self.bases.clear()
+        self.widths.clear()
         self.pending.clear()
+        self.pending_widths.clear()
         self.full_slots.clear()
 
 
@@ -791,40 +870,53 @@ def filter_groups_with_values(groups: list[tuple[Spectrum | None, Tensor]], stat
     for route, members in routes.items():
         if not members:
             continue
-        stacked = torch.cat([groups[i][1] for i in members]) if len(members) > 1 else groups[members[0]][1]
         chains = [(groups[i][0].steps, groups[i][1].shape[0]) for i in members]
-        float64 = device_has_float64(stacked.device) if allow_float64 is None else allow_float64
-        work = _work_copy(stacked)
+        device = groups[members[0]][1].device
+        float64 = device_has_float64(device) if allow_float64 is None else allow_float64
         if route == "full":
-            filtered, before, after = _filter_full(work, stacked, chains, float64)
+            stacked = torch.cat([groups[i][1] for i in members]) if len(members) > 1 else groups[members[0]][1]
+            hint = state.widths.get(slot) if state is not None else None
+            full = _filter_full(_work_copy(stacked), stacked, chains, float64, width=hint, sync=state is None)
+            if state is not None:
+                state.pending_widths.append((slot, full.needed.amax(), full.width))
+            offset = 0
+            for i in members:
+                own = slice(offset, offset + groups[i][1].shape[0])
+                offset = own.stop
+                results[i] = FilteredGroup(full.filtered[own].to(groups[i][1].dtype), full.before[own],
+                                           full.after[own])
+            continue
+        parts = [_work_copy(groups[i][1]) for i in members]
+        block = max(blocks)
+        start = None
+        if state is not None:
+            previous = state.bases.get(slot)
+            if previous is not None and previous.shape == (sum(p.shape[0] for p in parts), r_side(parts[0]), block):
+                start = previous
+        result = _filter_topk(parts, chains, block, start, float64, sync=state is None)
+        filtered, before, after = result.filtered, result.before, result.after
+        if state is not None:
+            state.bases[slot] = result.basis.detach()
+            state.pending.append((slot, result.converged))
         else:
-            block = max(blocks)
-            start = None
-            if state is not None:
-                previous = state.bases.get(slot)
-                if previous is not None and previous.shape == (work.shape[0], r_side(work), block):
-                    start = previous
-            result = _filter_topk(work, chains, block, start, float64)
-            filtered, before, after = result.filtered, result.before, result.after
-            if state is not None:
-                state.bases[slot] = result.basis.detach()
-                state.pending.append((slot, result.converged))
-            else:
-                redo = ~result.converged
-                if bool(redo.any()):
-                    # Not certified: the full decomposition decides for those matrices (never a silent approximation).
-                    full, full_before, full_after = _filter_full(work[redo], stacked[redo], _rows_of(chains, redo),
-                                                                 float64)
-                    filtered, before, after = filtered.clone(), before.clone(), after.clone()
-                    filtered[redo] = full
-                    before[redo] = full_before.to(before.dtype)
-                    after[redo] = full_after.to(after.dtype)
+            redo = ~result.converged
+            if bool(redo.any()):
+                # Not certified: the full decomposition decides for those matrices (never a silent approximation).
+                originals = torch.cat([groups[i][1] for i in members])
+                full = _filter_full(_work_copy(originals[redo]), originals[redo], _rows_of(chains, redo), float64,
+                                    sync=True)
+                before, after = before.clone(), after.clone()
+                before[redo] = full.before.to(before.dtype)
+                after[redo] = full.after.to(after.dtype)
+                rows = [(part, row) for part in filtered for row in range(part.shape[0])]
+                redone = [rows[index] for index, again in enumerate(redo.tolist()) if again]
+                for (part, row), matrix in zip(redone, full.filtered, strict=True):
+                    part[row] = matrix
         offset = 0
-        for i in members:
-            rows = groups[i][1].shape[0]
-            part = slice(offset, offset + rows)
-            results[i] = FilteredGroup(filtered[part].to(groups[i][1].dtype), before[part], after[part])
-            offset += rows
+        for i, part in zip(members, filtered, strict=True):
+            own = slice(offset, offset + part.shape[0])
+            offset = own.stop
+            results[i] = FilteredGroup(part.to(groups[i][1].dtype), before[own], after[own])
     return results
 
 

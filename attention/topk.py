@@ -16,6 +16,7 @@ Plain PyTorch; never imports comfy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,9 @@ GRAM_COLUMN_BLOCKS = 4
 MAX_BLOCK_FRACTION = 0.25
 START_SEED = 0
 
+# Matrices [n, L, m] as one tensor or as parts stacked along the batch (the groups of one layer call).
+Rows = Tensor | Sequence[Tensor]
+
 
 def block_size(keep_bound: int, rank: int) -> int | None:
     """Columns of the iteration for a chain that keeps at most keep_bound of rank values, or None when the
@@ -56,7 +60,8 @@ class TopSingular:
 
     values [n, p] descending (working dtype); right [n, m, p] orthonormal columns (m = the short side);
     projected [n, L, p] = X right (so X right_k right_k^T = projected_k right_k^T); residual [n, p] =
-    ||X^T u_i - s_i v_i||; tolerance [n]: the residual a certified pair may have.
+    ||X^T u_i - s_i v_i||; tolerance [n]: the residual a certified pair may have; normal [n, m, p] = X^T X right;
+    gram: the float32 X^T X of a cold start (None after a warm one), for refine.
     """
 
     values: Tensor
@@ -64,6 +69,8 @@ class TopSingular:
     projected: Tensor
     residual: Tensor
     tolerance: Tensor
+    normal: Tensor
+    gram: Tensor | None = None
 
 
 def _small_dtype(work_dtype: torch.dtype, allow_float64: bool) -> torch.dtype:
@@ -88,14 +95,38 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _gram(x: Tensor) -> Tensor:
+def _parts(x: Rows) -> list[Tensor]:
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def _count(parts: list[Tensor]) -> int:
+    return sum(part.shape[0] for part in parts)
+
+
+def _apply(parts: list[Tensor], block: Tensor, transposed: bool = False) -> Tensor:
+    """X @ block (or X^T @ block) for the stacked parts, one product per part: the parts are never copied into one
+    tensor (on the CPU, a fresh allocation of that size costs as much as the products with the block)."""
+    pieces, start = [], 0
+    for part in parts:
+        stop = start + part.shape[0]
+        pieces.append((part.mT if transposed else part) @ block[start:stop])
+        start = stop
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _gram(x: Rows) -> Tensor:
     """x^T x for x [n, L, m], multiplying only the column blocks on and above the diagonal (G is symmetric)."""
-    size = x.shape[-1]
+    parts = _parts(x)
+    size = parts[0].shape[-1]
     edges = [size * block // GRAM_COLUMN_BLOCKS for block in range(GRAM_COLUMN_BLOCKS + 1)]
-    gram = torch.empty(x.shape[0], size, size, dtype=x.dtype, device=x.device)
-    for low, high in zip(edges, edges[1:], strict=False):
-        gram[:, low:high, low:] = x[..., low:high].mT @ x[..., low:]
-        gram[:, high:, low:high] = gram[:, low:high, high:].mT
+    gram = torch.empty(_count(parts), size, size, dtype=parts[0].dtype, device=parts[0].device)
+    start = 0
+    for part in parts:
+        rows = gram[start:start + part.shape[0]]
+        for low, high in zip(edges, edges[1:], strict=False):
+            rows[:, low:high, low:] = part[..., low:high].mT @ part[..., low:]
+            rows[:, high:, low:high] = rows[:, low:high, high:].mT
+        start += part.shape[0]
     return gram
 
 
@@ -105,33 +136,55 @@ def _start_block(matrix_count: int, size: int, block: int, like: Tensor) -> Tens
     return torch.randn(matrix_count, size, block, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def top_singular(x: Tensor, block: int, start: Tensor | None = None, iterations: int | None = None,
-                 allow_float64: bool = True) -> TopSingular:
-    """The `block` leading singular triplets of each x[i] (x [n, L, m] with L >= m: tall; transpose wide input).
+def top_singular(x: Rows, block: int, start: Tensor | None = None, iterations: int | None = None,
+                 allow_float64: bool = True, gram_iterations: int = GRAM_ITERATIONS) -> TopSingular:
+    """The `block` leading singular triplets of each matrix of x [n, L, m] with L >= m (tall; transpose wide
+    input), given as one tensor or as parts stacked along the batch.
 
-    start: an [n, m, block] basis to begin from (the previous step's right vectors), else a seeded Gaussian block.
+    start: an [n, m, block] basis to begin from (the previous step's right vectors), else a seeded Gaussian block,
+    which first takes gram_iterations on the Gram matrix. iterations: X-level iterations before the Rayleigh-Ritz
+    step (COLD_ITERATIONS or WARM_ITERATIONS if None).
     """
-    count, _, size = x.shape
-    small = _small_dtype(x.dtype, allow_float64)
+    parts = _parts(x)
+    gram = None
     if start is None:
-        right = _orthonormal(_start_block(count, size, block, x))
+        first = parts[0]
+        right = _orthonormal(_start_block(_count(parts), first.shape[-1], block, first))
         iterations = COLD_ITERATIONS if iterations is None else iterations
-        if iterations > 0:
-            # From scratch the block needs many iterations on spectra that decay slowly (power laws): run them
-            # on the float32 Gram matrix, where each costs an [m, m] x [m, p] product, then let the X-level
-            # iterations below remove the Gram's squared rounding from the subspace.
-            gram = _gram(x)
-            for _ in range(GRAM_ITERATIONS):
-                right = _orthonormal(gram @ right)
+        # From scratch the block needs many iterations on spectra that decay slowly (power laws): run them on the
+        # float32 Gram matrix, where each costs an [m, m] x [m, p] product, then let the X-level steps below remove
+        # the Gram's squared rounding from the subspace.
+        gram = _gram(parts)
+        for _ in range(gram_iterations):
+            right = _orthonormal(gram @ right)
     else:
-        right = _orthonormal(start.to(x.device, x.dtype))
+        right = _orthonormal(start.to(parts[0].device, parts[0].dtype))
         iterations = WARM_ITERATIONS if iterations is None else iterations
     for _ in range(iterations):
-        left = _orthonormal(x @ right)
-        right = _orthonormal(x.mT @ left)
-    # Rayleigh-Ritz on X restricted to span(right): the SVD of the small X right through its p x p Gram (float64:
-    # the squaring then costs nothing against float32's rounding of X right itself).
-    projected = x @ right
+        # X^T (X V) as two products with X, never through a Gram: each is backward stable at the level of X, so the
+        # subspace's error is u ||X|| / gap (Wedin), where a Gram's rounding would give u ||X||^2 / gap^2.
+        right = _orthonormal(_apply(parts, _apply(parts, right), transposed=True))
+    return _rayleigh_ritz(parts, right, allow_float64, gram)
+
+
+def refine(x: Rows, top: TopSingular, gram_iterations: int = 0, allow_float64: bool = True) -> TopSingular:
+    """Continue the iteration of a previous result: the X^T X V it computed is one iteration; gram_iterations more
+    run on its Gram matrix (a cold result keeps it), then the Rayleigh-Ritz step again (two products with X)."""
+    right = _orthonormal(top.normal)
+    if gram_iterations and top.gram is None:
+        raise ValueError("refine: gram_iterations need the Gram matrix of a cold start")
+    for _ in range(gram_iterations):
+        right = _orthonormal(top.gram @ right)
+    return _rayleigh_ritz(_parts(x), right, allow_float64, top.gram)
+
+
+def _rayleigh_ritz(parts: list[Tensor], right: Tensor, allow_float64: bool, gram: Tensor | None) -> TopSingular:
+    """Ritz triplets of X on span(right) and their residuals."""
+    dtype = right.dtype
+    small = _small_dtype(dtype, allow_float64)
+    # The SVD of the small X right through its p x p Gram (float64: the squaring then costs nothing against
+    # float32's rounding of X right itself).
+    projected = _apply(parts, right)
     if small == torch.float64:
         wide = projected.to(small)
         eigenvalues, rotation = torch.linalg.eigh(_finite(wide.mT @ wide))
@@ -145,14 +198,17 @@ def top_singular(x: Tensor, block: int, start: Tensor | None = None, iterations:
         _, values, rotation_t = torch.linalg.svd(triangle)
         rotation = rotation_t.mT
         eigenvalues = values.square()
-    rotation_work = rotation.to(x.dtype)
+    rotation_work = rotation.to(dtype)
+    # X^T X v_i: the residuals' product, and the next iteration's if the caller refines.
+    normal = _apply(parts, projected, transposed=True) @ rotation_work
     right = right @ rotation_work
     projected = projected @ rotation_work
     # ||X^T (X v_i) - s_i^2 v_i|| / s_i = ||X^T u_i - s_i v_i||, the residual the gap theorems take.
-    back = x.mT @ projected - right * eigenvalues.to(x.dtype).unsqueeze(-2)
+    back = normal - right * eigenvalues.to(dtype).unsqueeze(-2)
     gram_residual = torch.linalg.vector_norm(back, dim=-2).to(small)
     residual = gram_residual / values.clamp_min(torch.finfo(small).tiny)
     residual = torch.where(values > 0, residual, gram_residual)
-    unit = torch.finfo(x.dtype).eps / 2
+    unit = torch.finfo(dtype).eps / 2
     tolerance = RESIDUAL_TOLERANCE * unit * values[..., 0]
-    return TopSingular(values=values, right=right, projected=projected, residual=residual, tolerance=tolerance)
+    return TopSingular(values=values, right=right, projected=projected, residual=residual, tolerance=tolerance,
+                       normal=normal, gram=gram)

@@ -179,9 +179,10 @@ def _pair_filter(key_filter, value_filter, state: SolverState | None, slot, keep
 
 def _settle_spectra(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):
-    """Run the model call, then read every iterative solve's convergence flag once (one host sync per call).
-    A layer whose solve did not converge switches to the full decomposition for the rest of the run and the
-    call is redone, so no uncertified result ever reaches the sampler."""
+    """Run the model call, then read every spectrum solve's convergence flag and rebuild need once (one host sync
+    per call). A layer whose iterative solve did not converge switches to the full decomposition for the rest of
+    the run, a full-route rebuild that needed more columns than the previous step's takes them, and the call is
+    redone, so no inexact result ever reaches the sampler."""
     run = run_of(transformer_options or {})
     state = solver_state_of(run)
     if state is not None:
@@ -192,7 +193,8 @@ def _settle_spectra(executor, x, t, c_concat=None, c_crossattn=None, control=Non
         failed = state.settle()
         if not failed:
             break
-        logging.info("SpectralAnchorAttention: %d spectrum solve(s) did not converge; redoing the model call "
-                     "with the full decomposition on those layers.", len(failed))
+        logging.info("SpectralAnchorAttention: %d spectrum solve(s) were not exact (an iterative solve that did not "
+                     "converge, or a rebuild that needed more columns than the last step's); redoing the model call "
+                     "with the full decomposition or width on those layers.", len(failed))
         out = executor(x, t, c_concat, c_crossattn, fresh_control(control), transformer_options, **kwargs)
     return out
