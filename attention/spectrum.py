@@ -355,22 +355,27 @@ GRAM_ROW_CHUNK = 512
 GRAM_COLUMN_BLOCKS = 4
 
 
-def _gram_float64(rows: Tensor) -> Tensor:
-    """rows^T rows in float64 for rows [n, N, m]; every product of float32 entries is exact there."""
-    n, count, size = rows.shape
-    gram = torch.zeros(n, size, size, dtype=torch.float64, device=rows.device)
+def _gram_float64(parts: list[Tensor]) -> Tensor:
+    """rows^T rows in float64 for the stacked parts [n_i, N, m]; every product of float32 entries is exact there."""
+    size = parts[0].shape[-1]
+    gram = torch.zeros(sum(part.shape[0] for part in parts), size, size, dtype=torch.float64,
+                       device=parts[0].device)
     edges = [size * block // GRAM_COLUMN_BLOCKS for block in range(GRAM_COLUMN_BLOCKS + 1)]
-    for start in range(0, count, GRAM_ROW_CHUNK):
-        chunk = rows[:, start:start + GRAM_ROW_CHUNK].to(torch.float64)
-        for low, high in zip(edges, edges[1:], strict=False):
-            if high > low:
-                gram[:, low:high, low:].baddbmm_(chunk[:, :, low:high].mT, chunk[:, :, low:])
+    offset = 0
+    for part in parts:
+        own = gram[offset:offset + part.shape[0]]
+        offset += part.shape[0]
+        for start in range(0, part.shape[1], GRAM_ROW_CHUNK):
+            chunk = part[:, start:start + GRAM_ROW_CHUNK].to(torch.float64)
+            for low, high in zip(edges, edges[1:], strict=False):
+                if high > low:
+                    own[:, low:high, low:].baddbmm_(chunk[:, :, low:high].mT, chunk[:, :, low:])
     upper = torch.triu(gram)
     return upper + torch.triu(gram, 1).mT
 
 
-def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, bool, Tensor]:
-    """Singular values and one side's singular vectors of x [n, T, C] (float32 or float64).
+def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """Singular values and one side's singular vectors of the stacked parts [n_i, T, C] (float32 or float64).
 
     Returns (s [n, r] descending, basis [n, m, r], tall, finite [n] bool): for tall (T >= C) the basis is V
     (right vectors, m = C), otherwise U (left vectors, m = T). A matrix with a NaN or inf entry has a non-finite
@@ -383,10 +388,11 @@ def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, 
     in float32 would lose every value below ~3e-4 s_max, so that path takes a Householder QR of x and the SVD
     of its small triangle instead (_qr_svd): rounding at the level of x, as in a float32 SVD.
     """
-    tall = x.shape[-2] >= x.shape[-1]
-    solver = _solver_device(x.device)
-    rows = x if tall else x.mT
-    if not allow_float64 and x.dtype != torch.float64:
+    tokens, channels = parts[0].shape[-2:]
+    tall = tokens >= channels
+    solver = _solver_device(parts[0].device)
+    rows = parts if tall else [part.mT for part in parts]
+    if not allow_float64 and parts[0].dtype != torch.float64:
         return _qr_svd(rows, solver, tall)
     gram = _gram_float64(rows).to(solver)
     gram_eps = torch.finfo(torch.float64).eps
@@ -400,26 +406,29 @@ def _gram_eigen(x: Tensor, allow_float64: bool = True) -> tuple[Tensor, Tensor, 
     # a reweighting's rescale (up to e^10 for exp) would lift the noise of a rank-deficient
     # matrix into visible directions. In singular values the floor is ~1e-6 s_max at SDXL
     # sizes in float64, below the resolution of a float32 input anyway.
-    floor = max(x.shape[-2], x.shape[-1]) * gram_eps * eigenvalues[..., :1]
+    floor = max(tokens, channels) * gram_eps * eigenvalues[..., :1]
     eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
     s = eigenvalues.sqrt()
     basis = eigenvectors.flip(-1)
-    return s.to(x.device), basis.to(x.device), tall, finite.to(x.device)
+    device = parts[0].device
+    return s.to(device), basis.to(device), tall, finite.to(device)
 
 
-def _qr_svd(rows: Tensor, solver: torch.device, tall: bool) -> tuple[Tensor, Tensor, bool, Tensor]:
-    """The float32-only full decomposition of rows [n, L, m] (L >= m): R of a QR, then the SVD of R [m, m].
-    Backward stable at the level of x (u ||x||), where a float32 Gram would be at u ||x||^2."""
-    device = rows.device
-    norm = torch.linalg.vector_norm(rows, dim=(-2, -1))
-    finite = torch.isfinite(norm)
-    clean = torch.where(finite[:, None, None], rows, torch.zeros_like(rows)).to(solver)
-    triangle = torch.linalg.qr(clean, mode="r").R
-    _, s, vh = torch.linalg.svd(triangle)
+def _qr_svd(rows: list[Tensor], solver: torch.device, tall: bool) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """The float32-only full decomposition of the stacked rows [n_i, L, m] (L >= m): R of a QR, then the SVD of
+    R [m, m]. Backward stable at the level of x (u ||x||), where a float32 Gram would be at u ||x||^2."""
+    device = rows[0].device
+    triangles, finites = [], []
+    for part in rows:
+        finite = torch.isfinite(torch.linalg.vector_norm(part, dim=(-2, -1)))
+        clean = torch.where(finite[:, None, None], part, torch.zeros_like(part)).to(solver)
+        triangles.append(torch.linalg.qr(clean, mode="r").R)
+        finites.append(finite)
+    _, s, vh = torch.linalg.svd(torch.cat(triangles))
     # Zero directions come out as rounding noise near sqrt(L) u s_max; L u s_max calls them zero.
-    floor = rows.shape[-2] * torch.finfo(rows.dtype).eps * s[..., :1]
+    floor = rows[0].shape[-2] * torch.finfo(rows[0].dtype).eps * s[..., :1]
     s = torch.where(s > floor, s, torch.zeros_like(s))
-    return s.to(device), vh.mT.to(device), tall, finite
+    return s.to(device), vh.mT.to(device), tall, torch.cat(finites)
 
 
 def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, width: int) -> Tensor:
@@ -446,24 +455,25 @@ def _work_copy(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class FullResult:
-    filtered: Tensor  # [n, T, C], the working dtype
+    filtered: list[Tensor]  # per part [n_i, T, C], the working dtype
     before: Tensor  # [n, r] singular values (NaN for a non-finite matrix)
     after: Tensor  # [n, r] the same after the chain
     needed: Tensor  # [n] long: the leading basis columns each matrix's rebuild needs (0 when it passes through)
     width: int  # the columns the rebuild used: exact for every matrix with needed <= width
 
 
-def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, ...], int]],
+def _filter_full(parts: list[Tensor], originals: list[Tensor], chains: list[tuple[tuple[Step, ...], int]],
                  allow_float64: bool, width: int | None = None, sync: bool = False) -> FullResult:
-    """The full decomposition of every matrix, then each row group's chain.
+    """The full decomposition of every matrix of the stacked parts (worked copies of `originals`), then each row
+    group's chain.
 
-    chains: (steps, rows) in order, covering work's batch. The rebuild takes the leading `width` basis columns
+    chains: (steps, rows) in order, covering the parts' batch. The rebuild takes the leading `width` basis columns
     (bounded by what the chains' fixed/quantile steps keep): inside sampling the previous step's need plus a
     margin, checked by the caller through `needed`; with `sync` (a complete call outside sampling) exactly what
     the matrices need, read on the host. Otherwise no host sync.
     """
-    r = min(work.shape[-2], work.shape[-1])
-    before, basis, tall, finite = _gram_eigen(work, allow_float64)
+    r = min(parts[0].shape[-2], parts[0].shape[-1])
+    before, basis, tall, finite = _gram_eigen(parts, allow_float64)
     afters, factors = [], []
     start = 0
     for steps, rows in chains:
@@ -482,8 +492,12 @@ def _filter_full(work: Tensor, original: Tensor, chains: list[tuple[tuple[Step, 
     if sync:
         width = int(needed.max())
     width = static if width is None else max(1, min(width, static))
-    filtered = _rebuild_from_basis(work, basis, factor, tall, width)
-    filtered = torch.where(passes[:, None, None], original.to(filtered.dtype), filtered)
+    filtered, offset = [], 0
+    for part, original in zip(parts, originals, strict=True):
+        own = slice(offset, offset + part.shape[0])
+        offset = own.stop
+        rebuilt = _rebuild_from_basis(part, basis[own], factor[own], tall, width)
+        filtered.append(torch.where(passes[own, None, None], original.to(rebuilt.dtype), rebuilt, out=rebuilt))
     nan = torch.full_like(before, float("nan"))
     before = torch.where(finite[:, None], before, nan)
     after = torch.where(finite[:, None], after, nan)
@@ -720,8 +734,8 @@ class Spectrum:
             filtered, before, after = self._filter_lowrank(x)
         else:
             float64 = device_has_float64(x.device) if allow_float64 is None else allow_float64
-            full = _filter_full(_work_copy(x), x, [(self.steps, n)], float64)
-            filtered, before, after = full.filtered, full.before, full.after
+            full = _filter_full([_work_copy(x)], [x], [(self.steps, n)], float64)
+            filtered, before, after = full.filtered[0], full.before, full.after
         return filtered.to(x.dtype), before.to(x.device, torch.float32), after.to(x.device, torch.float32)
 
     def _filter_lowrank(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -873,51 +887,53 @@ def filter_groups_with_values(groups: list[tuple[Spectrum | None, Tensor]], stat
         chains = [(groups[i][0].steps, groups[i][1].shape[0]) for i in members]
         device = groups[members[0]][1].device
         float64 = device_has_float64(device) if allow_float64 is None else allow_float64
+        originals = [groups[i][1] for i in members]
+        parts = [_work_copy(original) for original in originals]
         if route == "full":
-            stacked = torch.cat([groups[i][1] for i in members]) if len(members) > 1 else groups[members[0]][1]
             hint = state.widths.get(slot) if state is not None else None
-            full = _filter_full(_work_copy(stacked), stacked, chains, float64, width=hint, sync=state is None)
+            full = _filter_full(parts, originals, chains, float64, width=hint, sync=state is None)
             if state is not None:
                 state.pending_widths.append((slot, full.needed.amax(), full.width))
-            offset = 0
-            for i in members:
-                own = slice(offset, offset + groups[i][1].shape[0])
-                offset = own.stop
-                results[i] = FilteredGroup(full.filtered[own].to(groups[i][1].dtype), full.before[own],
-                                           full.after[own])
-            continue
-        parts = [_work_copy(groups[i][1]) for i in members]
-        block = max(blocks)
-        start = None
-        if state is not None:
-            previous = state.bases.get(slot)
-            if previous is not None and previous.shape == (sum(p.shape[0] for p in parts), r_side(parts[0]), block):
-                start = previous
-        result = _filter_topk(parts, chains, block, start, float64, sync=state is None)
-        filtered, before, after = result.filtered, result.before, result.after
-        if state is not None:
-            state.bases[slot] = result.basis.detach()
-            state.pending.append((slot, result.converged))
+            filtered, before, after = full.filtered, full.before, full.after
         else:
-            redo = ~result.converged
-            if bool(redo.any()):
-                # Not certified: the full decomposition decides for those matrices (never a silent approximation).
-                originals = torch.cat([groups[i][1] for i in members])
-                full = _filter_full(_work_copy(originals[redo]), originals[redo], _rows_of(chains, redo), float64,
-                                    sync=True)
-                before, after = before.clone(), after.clone()
-                before[redo] = full.before.to(before.dtype)
-                after[redo] = full.after.to(after.dtype)
-                rows = [(part, row) for part in filtered for row in range(part.shape[0])]
-                redone = [rows[index] for index, again in enumerate(redo.tolist()) if again]
-                for (part, row), matrix in zip(redone, full.filtered, strict=True):
-                    part[row] = matrix
+            filtered, before, after = _topk_route(parts, originals, chains, max(blocks), state, slot, float64)
         offset = 0
         for i, part in zip(members, filtered, strict=True):
             own = slice(offset, offset + part.shape[0])
             offset = own.stop
             results[i] = FilteredGroup(part.to(groups[i][1].dtype), before[own], after[own])
     return results
+
+
+def _topk_route(parts: list[Tensor], originals: list[Tensor], chains: list[tuple[tuple[Step, ...], int]],
+                block: int, state: SolverState | None, slot: object,
+                allow_float64: bool) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The iterative route for one batch of parts: (filtered per part, before, after). With state: warm-started,
+    its convergence left pending; without: complete, the full decomposition redoing what is uncertified."""
+    start = None
+    if state is not None:
+        previous = state.bases.get(slot)
+        if previous is not None and previous.shape == (sum(p.shape[0] for p in parts), r_side(parts[0]), block):
+            start = previous
+    result = _filter_topk(parts, chains, block, start, allow_float64, sync=state is None)
+    filtered, before, after = result.filtered, result.before, result.after
+    if state is not None:
+        state.bases[slot] = result.basis.detach()
+        state.pending.append((slot, result.converged))
+        return filtered, before, after
+    redo = ~result.converged
+    if bool(redo.any()):
+        # Not certified: the full decomposition decides for those matrices (never a silent approximation).
+        chosen = torch.cat(originals)[redo]
+        full = _filter_full([_work_copy(chosen)], [chosen], _rows_of(chains, redo), allow_float64, sync=True)
+        before, after = before.clone(), after.clone()
+        before[redo] = full.before.to(before.dtype)
+        after[redo] = full.after.to(after.dtype)
+        rows = [(part, row) for part in filtered for row in range(part.shape[0])]
+        redone = [rows[index] for index, again in enumerate(redo.tolist()) if again]
+        for (part, row), matrix in zip(redone, full.filtered[0], strict=True):
+            part[row] = matrix
+    return filtered, before, after
 
 
 def r_side(x: Tensor) -> int:

@@ -24,6 +24,7 @@ from spectral_anchors.attention.spectrum import (
     filter_groups,
     filter_groups_with_values,
     topk_block,
+    width_hint,
 )
 
 # docs/precision.md: ||Y - Y_ref||_F <= PRECISION_FACTOR * u * ||X||_2 / relgap, with relgap = (s_k - s_k+1) / s_k
@@ -213,6 +214,69 @@ def test_pure_energy_truncation_uses_the_block_only_when_the_threshold_is_met_in
     block = topk_block((Truncate("energy", 0.999),), CHANNELS)
     assert next(i + 1 for i, f in enumerate(fractions) if f >= 0.999 - 1e-6) > block
     assert state.settle() == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The full route's rebuild width
+# ---------------------------------------------------------------------------------------------
+
+REWEIGHT_THEN_ENERGY = Spectrum((Reweight("log_squared"), Truncate("energy", 0.95)))
+
+
+class _ProductRecorder(TorchDispatchMode):
+    """The inner dimension of every matrix product that makes a [.., TOKENS, CHANNELS] result."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in ("bmm", "mm", "baddbmm") and tuple(out.shape[-2:]) == (TOKENS, CHANNELS):
+            self.inner.append(args[-1].shape[-2])
+        return out
+
+
+def _kept(spectrum: Spectrum, x: torch.Tensor) -> int:
+    return int((spectrum.filter_with_values(x)[2] > 0).sum())
+
+
+def test_the_full_route_rebuilds_from_the_columns_the_chain_keeps():
+    # A reweighting chain has no bound from the shape; its rebuild must still cost products with the few kept
+    # columns, not a C x C operator: read on the host outside sampling, the previous step's need inside it.
+    x = matrix_with_spectrum(spectra(CHANNELS, KEEP)["power law"], TOKENS, CHANNELS, seed=11)
+    kept = _kept(REWEIGHT_THEN_ENERGY, x)
+    assert 0 < width_hint(kept) < CHANNELS // 2
+    reference = REWEIGHT_THEN_ENERGY.filter_with_values(x)[0]  # the rebuild from every column
+    products = _ProductRecorder()
+    with products:
+        outside = REWEIGHT_THEN_ENERGY(x)
+    assert products.inner and max(products.inner) == kept
+    state = SolverState()
+    first = filter_groups([(REWEIGHT_THEN_ENERGY, x)], state=state, slot="v")[0]  # no previous step: every column
+    assert state.settle() == [] and state.widths["v"] == width_hint(kept)
+    products = _ProductRecorder()
+    with products:
+        inside = filter_groups([(REWEIGHT_THEN_ENERGY, x)], state=state, slot="v")[0]
+    assert state.settle() == []
+    assert products.inner and max(products.inner) == width_hint(kept)
+    for out in (outside, first, inside):
+        assert torch.linalg.norm(out - reference) <= 1e-6 * torch.linalg.norm(reference)
+
+
+def test_a_rebuild_that_needs_more_columns_than_the_last_step_is_settled_as_inexact_and_redone_wider():
+    few = matrix_with_spectrum(spectra(CHANNELS, KEEP)["clean gap"], TOKENS, CHANNELS, seed=12)
+    many = matrix_with_spectrum(spectra(CHANNELS, KEEP)["dense"], TOKENS, CHANNELS, seed=12)
+    assert _kept(REWEIGHT_THEN_ENERGY, many) > width_hint(_kept(REWEIGHT_THEN_ENERGY, few))  # the precondition
+    state = SolverState()
+    filter_groups([(REWEIGHT_THEN_ENERGY, few)], state=state, slot="v")
+    assert state.settle() == []
+    filter_groups([(REWEIGHT_THEN_ENERGY, many)], state=state, slot="v")  # too narrow: not exact
+    assert state.settle() == ["v"] and state.widths["v"] == width_hint(_kept(REWEIGHT_THEN_ENERGY, many))
+    redone = filter_groups([(REWEIGHT_THEN_ENERGY, many)], state=state, slot="v")[0]
+    assert state.settle() == []
+    reference = REWEIGHT_THEN_ENERGY.filter_with_values(many)[0]
+    assert torch.linalg.norm(redone - reference) <= 1e-6 * torch.linalg.norm(reference)
 
 
 # ---------------------------------------------------------------------------------------------
