@@ -356,7 +356,8 @@ GRAM_COLUMN_BLOCKS = 4
 
 
 def _gram_float64(parts: list[Tensor]) -> Tensor:
-    """rows^T rows in float64 for the stacked parts [n_i, N, m]; every product of float32 entries is exact there."""
+    """The upper triangle of rows^T rows in float64 for the stacked parts [n_i, N, m] (zeros below it); every
+    product of float32 entries is exact there."""
     size = parts[0].shape[-1]
     gram = torch.zeros(sum(part.shape[0] for part in parts), size, size, dtype=torch.float64,
                        device=parts[0].device)
@@ -370,17 +371,18 @@ def _gram_float64(parts: list[Tensor]) -> Tensor:
             for low, high in zip(edges, edges[1:], strict=False):
                 if high > low:
                     own[:, low:high, low:].baddbmm_(chunk[:, :, low:high].mT, chunk[:, :, low:])
-    upper = torch.triu(gram)
-    return upper + torch.triu(gram, 1).mT
+    # Only the upper triangle is filled: the eigensolver reads that one (UPLO="U").
+    return gram
 
 
 def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor, Tensor, bool, Tensor]:
     """Singular values and one side's singular vectors of the stacked parts [n_i, T, C] (float32 or float64).
 
-    Returns (s [n, r] descending, basis [n, m, r], tall, finite [n] bool): for tall (T >= C) the basis is V
-    (right vectors, m = C), otherwise U (left vectors, m = T). A matrix with a NaN or inf entry has a non-finite
-    Gram diagonal; it is marked not finite and decomposed as zero (checking the small Gram costs less than
-    scanning x).
+    Returns (s [n, r] descending, basis [n, m, r] in ascending order (column r - 1 - i belongs to s_i: the
+    leading columns the rebuild takes are flipped there, not the whole basis), tall, finite [n] bool): for tall
+    (T >= C) the basis is V (right vectors, m = C), otherwise U (left vectors, m = T). A matrix with a NaN or
+    inf entry has a non-finite Gram diagonal; it is marked not finite and decomposed as zero (checking the
+    small Gram costs less than scanning x).
 
     With float64 (allow_float64), Gram and eigenproblem are both float64: products of float32 numbers are exact
     there, so the only error left is the solver's ~1e-16 ||G||, and singular values are resolved down to
@@ -396,10 +398,11 @@ def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor
         return _qr_svd(rows, solver, tall)
     gram = _gram_float64(rows).to(solver)
     gram_eps = torch.finfo(torch.float64).eps
-    finite = torch.isfinite(gram).flatten(1).all(1)
-    # Unconditional (no host sync): the Gram is small.
-    gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    # A NaN or inf entry of X reaches its column's diagonal entry of the Gram.
+    finite = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+    # Unconditional (no host sync) and in place: the Gram is small.
+    gram = torch.where(finite[:, None, None], gram, gram.new_zeros(()), out=gram)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="U")
     eigenvalues = eigenvalues.flip(-1)  # eigh sorts ascending
     # A zero direction comes out as rounding noise of either sign, up to ~0.15 max(T, C) eps
     # lambda_max (measured). Call everything up to max(T, C) eps lambda_max an exact zero: else
@@ -409,9 +412,8 @@ def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor
     floor = max(tokens, channels) * gram_eps * eigenvalues[..., :1]
     eigenvalues = torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
     s = eigenvalues.sqrt()
-    basis = eigenvectors.flip(-1)
     device = parts[0].device
-    return s.to(device), basis.to(device), tall, finite.to(device)
+    return s.to(device), eigenvectors.to(device), tall, finite.to(device)
 
 
 def _qr_svd(rows: list[Tensor], solver: torch.device, tall: bool) -> tuple[Tensor, Tensor, bool, Tensor]:
@@ -428,16 +430,16 @@ def _qr_svd(rows: list[Tensor], solver: torch.device, tall: bool) -> tuple[Tenso
     # Zero directions come out as rounding noise near sqrt(L) u s_max; L u s_max calls them zero.
     floor = rows[0].shape[-2] * torch.finfo(rows[0].dtype).eps * s[..., :1]
     s = torch.where(s > floor, s, torch.zeros_like(s))
-    return s.to(device), vh.mT.to(device), tall, torch.cat(finites)
+    return s.to(device), vh.mT.flip(-1).to(device), tall, torch.cat(finites)
 
 
 def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, width: int) -> Tensor:
-    """x V diag(factor) V^T (tall) or U diag(factor) U^T x (wide), in x's dtype.
+    """x V diag(factor) V^T (tall) or U diag(factor) U^T x (wide), in x's dtype, for a basis in ascending order.
 
     Only the `width` leading columns take part (the caller knows every later factor is zero), so a truncation
     to k values costs two thin [T, C] x [C, k] products instead of a full [T, C] x [C, C] one.
     """
-    basis = basis[..., :width].to(x.device, x.dtype)
+    basis = basis[..., basis.shape[-1] - width:].flip(-1).to(x.device, x.dtype)
     factor = factor[..., :width].to(x.device, x.dtype)
     size = basis.shape[-2]
     if 2 * width < size:
