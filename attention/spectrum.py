@@ -401,7 +401,7 @@ def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor
     # A NaN or inf entry of X reaches its column's diagonal entry of the Gram.
     finite = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
     # Unconditional (no host sync) and in place: the Gram is small.
-    gram = torch.where(finite[:, None, None], gram, gram.new_zeros(()), out=gram)
+    gram = _where_into(gram, finite[:, None, None], gram, gram.new_zeros(()))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram, UPLO="U")
     eigenvalues = eigenvalues.flip(-1)  # eigh sorts ascending
     # A zero direction comes out as rounding noise of either sign, up to ~0.15 max(T, C) eps
@@ -448,6 +448,14 @@ def _rebuild_from_basis(x: Tensor, basis: Tensor, factor: Tensor, tall: bool, wi
         return basis @ ((basis.mT @ x) * factor.unsqueeze(-1))
     operator = (basis * factor.unsqueeze(-2)) @ basis.mT
     return x @ operator if tall else operator @ x
+
+
+def _where_into(target: Tensor, condition: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """torch.where(condition, x, y), written into `target` (a fresh temporary of that shape) unless autograd
+    records the call: on the CPU a new allocation of a layer's K or V costs as much as a product with the block."""
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return torch.where(condition, x, y)
+    return torch.where(condition, x, y, out=target)
 
 
 def _work_copy(x: Tensor) -> Tensor:
@@ -499,7 +507,7 @@ def _filter_full(parts: list[Tensor], originals: list[Tensor], chains: list[tupl
         own = slice(offset, offset + part.shape[0])
         offset = own.stop
         rebuilt = _rebuild_from_basis(part, basis[own], factor[own], tall, width)
-        filtered.append(torch.where(passes[own, None, None], original.to(rebuilt.dtype), rebuilt, out=rebuilt))
+        filtered.append(_where_into(rebuilt, passes[own, None, None], original.to(rebuilt.dtype), rebuilt))
     nan = torch.full_like(before, float("nan"))
     before = torch.where(finite[:, None], before, nan)
     after = torch.where(finite[:, None], after, nan)
@@ -623,7 +631,7 @@ def _filter_topk(parts: list[Tensor], chains: list[tuple[tuple[Step, ...], int]]
         own = slice(offset, offset + part.shape[0])
         offset += part.shape[0]
         rebuilt = masked[own] @ right[own].mT if tall else right[own] @ masked[own].mT
-        filtered.append(torch.where(finite[own, None, None], rebuilt, part, out=rebuilt))
+        filtered.append(_where_into(rebuilt, finite[own, None, None], rebuilt, part))
     # The values worth reporting: the leading Ritz values up to the first whose residual check fails (those
     # after it are lower bounds still converging, not singular values).
     trusted = (top.residual <= top.tolerance[:, None]).int().cumprod(-1).bool()

@@ -416,3 +416,15 @@ def test_non_finite_matrices_pass_through_the_iterative_route_without_poisoning_
     reference, _ = svd_truncation(x[:1], KEEP)
     assert float(torch.linalg.norm(group.x[0].double() - reference) / torch.linalg.norm(reference)) < 1e-5
     assert torch.isfinite(group.before[0, :KEEP]).all()
+
+
+@pytest.mark.parametrize("spectrum", [QUANTILE, Spectrum((Reweight("log_squared"), Truncate("energy", 0.95)))])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_filtering_works_while_autograd_records(spectrum, with_state):
+    # Some samplers and other packs run the model with autograd on: the filter's in-place writes must not break it.
+    x = matrix_with_spectrum(spectra(CHANNELS, KEEP)["clean gap"], TOKENS, CHANNELS, seed=13)
+    expected = filter_groups([(spectrum, x)])[0]
+    state = SolverState() if with_state else None
+    out = filter_groups([(spectrum, x.clone().requires_grad_())], state=state, slot=0)[0]
+    assert out.requires_grad
+    assert torch.linalg.norm(out.detach() - expected) <= 1e-5 * torch.linalg.norm(expected)
