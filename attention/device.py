@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# Apple's MPS backend has neither float64 tensors nor a linalg SVD kernel.
+# Apple's MPS backend has neither float64 tensors nor linalg SVD and eigh kernels (nor, in many torch releases, QR).
 _NO_FLOAT64 = frozenset({"mps"})
 
 
@@ -16,6 +16,14 @@ def has_float64(device: torch.device | str) -> bool:
 def has_svd(device: torch.device | str) -> bool:
     """Whether torch.linalg's SVD runs on this device (it does not on MPS)."""
     return torch.device(device).type not in _NO_FLOAT64
+
+
+def dense_linalg_device(device: torch.device | str) -> torch.device:
+    """Where torch.linalg's dense factorisations (QR, eigh, SVD) of small matrices from `device` run: the device
+    itself, or the CPU for MPS (no kernels there in many torch releases, and a tall QR far slower than the CPU's
+    in the others)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type in _NO_FLOAT64 else device
 
 
 def exact_dtype(device: torch.device | str, float64: bool | None = None) -> torch.dtype:

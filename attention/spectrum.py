@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import topk
+from .device import dense_linalg_device, has_float64
 
 TruncateMode = Literal["fixed", "quantile", "energy"]
 ReweightMode = Literal["log", "log_squared", "exp"]
@@ -282,11 +283,6 @@ def chain_factors(s: Tensor, steps: tuple[Step, ...]) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def device_has_float64(device: torch.device) -> bool:
-    """Whether float64 may be used on `device`: Apple's MPS has none (and the pack never moves work off it)."""
-    return device.type != "mps"
-
-
 def _static_count(step: Truncate, r: int) -> int | None:
     """How many values a fixed or quantile step keeps out of r (known from the shape alone)."""
     if step.mode == "fixed":
@@ -343,11 +339,6 @@ def topk_block(steps: tuple[Step, ...], r: int) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _solver_device(device: torch.device) -> torch.device:
-    # MPS has no dense eigensolver; the small Gram matrix's eigenproblem runs on the CPU (in float32).
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 # Row chunk and column blocks of the float64 Gram: chunks keep the float64 copy small (a whole
 # 4096 x 640 copy is a fresh 20 MB allocation whose page faults cost as much as the product), and
 # only the blocks on and above the diagonal are multiplied (G is symmetric): 10 of 16 products.
@@ -392,7 +383,7 @@ def _gram_eigen(parts: list[Tensor], allow_float64: bool = True) -> tuple[Tensor
     """
     tokens, channels = parts[0].shape[-2:]
     tall = tokens >= channels
-    solver = _solver_device(parts[0].device)
+    solver = dense_linalg_device(parts[0].device)
     rows = parts if tall else [part.mT for part in parts]
     if not allow_float64 and parts[0].dtype != torch.float64:
         return _qr_svd(rows, solver, tall)
@@ -743,7 +734,7 @@ class Spectrum:
         if self.method == "lowrank":
             filtered, before, after = self._filter_lowrank(x)
         else:
-            float64 = device_has_float64(x.device) if allow_float64 is None else allow_float64
+            float64 = has_float64(x.device) if allow_float64 is None else allow_float64
             full = _filter_full([_work_copy(x)], [x], [(self.steps, n)], float64)
             filtered, before, after = full.filtered[0], full.before, full.after
         return filtered.to(x.dtype), before.to(x.device, torch.float32), after.to(x.device, torch.float32)
@@ -896,7 +887,7 @@ def filter_groups_with_values(groups: list[tuple[Spectrum | None, Tensor]], stat
             continue
         chains = [(groups[i][0].steps, groups[i][1].shape[0]) for i in members]
         device = groups[members[0]][1].device
-        float64 = device_has_float64(device) if allow_float64 is None else allow_float64
+        float64 = has_float64(device) if allow_float64 is None else allow_float64
         originals = [groups[i][1] for i in members]
         parts = [_work_copy(original) for original in originals]
         if route == "full":

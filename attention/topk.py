@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .device import dense_linalg_device
+
 # Accept a Ritz pair when ||X^T u_i - s_i v_i|| <= RESIDUAL_TOLERANCE * u * s_1 (u: unit roundoff of the working
 # dtype, s_1 the largest Ritz value). The rounding floor of the residual itself, measured in float32 at SDXL
 # sizes after 30 iterations on clean-gap and power-law spectra, is 3-11 u s_1; 64 leaves room for it and still
@@ -94,7 +96,8 @@ def _orthonormal(y: Tensor) -> Tensor:
     rank-deficient y still gives orthonormal columns; the directions it lacks carry Ritz value zero. (NaN in y
     only propagates through the reflections of its own matrix: QR has no iteration that could fail.)
     """
-    return torch.linalg.qr(y).Q
+    solver = dense_linalg_device(y.device)
+    return torch.linalg.qr(y.to(solver)).Q.to(y.device)
 
 
 def _parts(x: Rows) -> list[Tensor]:
@@ -187,20 +190,22 @@ def _rayleigh_ritz(parts: list[Tensor], right: Tensor, allow_float64: bool, gram
     # The SVD of the small X right through its p x p Gram (float64: the squaring then costs nothing against
     # float32's rounding of X right itself).
     projected = _apply(parts, right)
+    device, solver = projected.device, dense_linalg_device(projected.device)
     if small == torch.float64:
         wide = projected.to(small)
-        eigenvalues, rotation = torch.linalg.eigh(_finite(wide.mT @ wide))
+        eigenvalues, rotation = torch.linalg.eigh(_finite(wide.mT @ wide).to(solver))
         eigenvalues = eigenvalues.flip(-1).clamp_min(0)
         rotation = rotation.flip(-1)
         values = eigenvalues.sqrt()
     else:
         # No float64: squaring X right in float32 would cost its small values' accuracy (u ||X||^2 / s_i), so
         # the small SVD goes through a Householder QR and the p x p triangle's own SVD instead.
-        triangle = torch.linalg.qr(_finite(projected), mode="r").R
+        triangle = torch.linalg.qr(_finite(projected).to(solver), mode="r").R
         _, values, rotation_t = torch.linalg.svd(triangle)
         rotation = rotation_t.mT
         eigenvalues = values.square()
-    rotation_work = rotation.to(dtype)
+    values, eigenvalues = values.to(device), eigenvalues.to(device)
+    rotation_work = rotation.to(device, dtype)
     # X^T X v_i: the residuals' product, and the next iteration's if the caller refines.
     normal = _apply(parts, projected, transposed=True) @ rotation_work
     right = right @ rotation_work

@@ -10,7 +10,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_anchors.attention.correspondence import dense_correspondence, distance_threshold
-from spectral_anchors.attention.device import exact_dtype, has_float64, has_svd, singular_values
+from spectral_anchors.attention.device import (
+    dense_linalg_device,
+    exact_dtype,
+    has_float64,
+    has_svd,
+    singular_values,
+)
 from spectral_anchors.attention.masks import SubjectMaskHistory, otsu_threshold
 
 
@@ -34,6 +40,9 @@ def test_device_capabilities():
     assert has_svd("cpu") and not has_svd(torch.device("mps"))
     assert exact_dtype("cpu") == torch.float64 and exact_dtype("mps") == torch.float32
     assert exact_dtype("cpu", float64=False) == torch.float32
+    # The spectrum solvers' small factorisations of MPS tensors run on the CPU; every other device keeps its own.
+    assert dense_linalg_device("mps") == torch.device("cpu") and dense_linalg_device("cpu") == torch.device("cpu")
+    assert dense_linalg_device("cuda:1") == torch.device("cuda:1")
 
 
 def between_class_variance(values: torch.Tensor, threshold: float) -> float:
