@@ -154,7 +154,11 @@ def top_singular(x: Rows, block: int, start: Tensor | None = None, iterations: i
     gram = None
     if start is None:
         first = parts[0]
-        right = _orthonormal(_start_block(_count(parts), first.shape[-1], block, first))
+        # A Gaussian block is well conditioned and G Omega spans what G orth(Omega) does: no QR before the first
+        # Gram iteration.
+        right = _start_block(_count(parts), first.shape[-1], block, first)
+        if gram_iterations == 0:
+            right = _orthonormal(right)
         iterations = COLD_ITERATIONS if iterations is None else iterations
         # From scratch the block needs many iterations on spectra that decay slowly (power laws): run them on the
         # float32 Gram matrix, where each costs an [m, m] x [m, p] product, then let the X-level steps below remove
