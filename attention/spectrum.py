@@ -578,7 +578,7 @@ def _accept(top: topk.TopSingular, total: Tensor, finite: Tensor, chains: list[t
 def _solve_topk(rows: list[Tensor], block: int, start: Tensor | None, allow_float64: bool, sync: bool,
                 accept) -> tuple[topk.TopSingular, Tensor, Tensor]:
     """The iterative solve and its acceptance (kept, converged). Inside sampling (not sync) a fixed schedule with
-    no host read; outside it, stages that stop at the first one certifying every matrix."""
+    no host read; outside it (always a cold start), stages that stop at the first one certifying every matrix."""
     if not sync:
         top = topk.top_singular(rows, block, start=start, allow_float64=allow_float64)
         return (top, *accept(top))
@@ -590,7 +590,7 @@ def _solve_topk(rows: list[Tensor], block: int, start: Tensor | None, allow_floa
     for gram_iterations in (rest, 0):
         if bool(converged.all()):
             break
-        top = topk.refine(rows, top, gram_iterations if top.gram is not None else 0, allow_float64)
+        top = topk.refine(rows, top, gram_iterations, allow_float64)
         kept, converged = accept(top)
     return top, kept, converged
 

@@ -182,6 +182,37 @@ def test_a_warm_start_from_the_previous_step_converges_and_is_reused():
     assert not bool((other.residual[0, :KEEP] <= other.tolerance[0]).all())
 
 
+class _ProductsWithX(TorchDispatchMode):
+    """Counts the matrix products with a [TOKENS, CHANNELS] operand (either orientation): the solver's cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("bmm", "mm", "baddbmm") and any(
+                isinstance(a, torch.Tensor) and sorted(a.shape[-2:]) == sorted((TOKENS, CHANNELS)) for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_call_outside_sampling_stops_at_its_first_certified_stage():
+    # A clean gap converges after the first Gram stage; a power law needs the next one. Both end within the bound.
+    products = {}
+    for name in ("clean gap", "power law"):
+        x = matrix_with_spectrum(spectra(CHANNELS, KEEP)[name], TOKENS, CHANNELS, seed=14)
+        counter = _ProductsWithX()
+        with counter:
+            out = QUANTILE(x)
+        products[name] = counter.count
+        reference, s = svd_truncation(x, KEEP)
+        relgap = float((s[KEEP - 1] - s[KEEP]) / s[KEEP - 1])
+        bound = PRECISION_FACTOR * torch.finfo(torch.float32).eps / 2 * float(s[0]) / relgap
+        assert float(torch.linalg.norm(out[0].double() - reference)) <= bound, name
+    # Each further stage is one more Rayleigh-Ritz step: two products with X.
+    assert products["power law"] == products["clean gap"] + 2, products
+
+
 def test_a_bad_warm_start_is_reported_and_the_slot_switches_to_the_full_decomposition():
     x = matrix_with_spectrum(spectra(CHANNELS, KEEP)["spikes over noise"], TOKENS, CHANNELS, seed=8)
     block = topk_block(QUANTILE.steps, CHANNELS)
