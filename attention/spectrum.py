@@ -817,6 +817,11 @@ class SolverState:
                 failed.append(slot)
         return failed
 
+    def discard_pending(self) -> None:
+        """Forget what an unfinished model call left to settle (flags and needs alike), before the next one."""
+        self.pending.clear()
+        self.pending_widths.clear()
+
     def clear(self) -> None:
         self.bases.clear()
         self.widths.clear()

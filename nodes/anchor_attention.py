@@ -186,7 +186,7 @@ def _settle_spectra(executor, x, t, c_concat=None, c_crossattn=None, control=Non
     run = run_of(transformer_options or {})
     state = solver_state_of(run)
     if state is not None:
-        state.pending.clear()
+        state.discard_pending()
     out = executor(x, t, c_concat, c_crossattn, fresh_control(control), transformer_options, **kwargs)
     state = solver_state_of(run)
     while state is not None:

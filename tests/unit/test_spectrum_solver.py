@@ -310,6 +310,19 @@ def test_a_rebuild_that_needs_more_columns_than_the_last_step_is_settled_as_inex
     assert torch.linalg.norm(redone - reference) <= 1e-6 * torch.linalg.norm(reference)
 
 
+def test_what_an_unfinished_model_call_left_to_settle_is_discarded_whole():
+    # A model call that raised half-way leaves flags and rebuild needs behind; the next call must not settle them.
+    few = matrix_with_spectrum(spectra(CHANNELS, KEEP)["clean gap"], TOKENS, CHANNELS, seed=12)
+    many = matrix_with_spectrum(spectra(CHANNELS, KEEP)["dense"], TOKENS, CHANNELS, seed=12)
+    state = SolverState()
+    filter_groups([(REWEIGHT_THEN_ENERGY, few)], state=state, slot="v")
+    state.settle()
+    width = state.widths["v"]
+    filter_groups([(QUANTILE, many), (REWEIGHT_THEN_ENERGY, many)], state=state, slot="v")  # the unfinished call
+    state.discard_pending()
+    assert state.settle() == [] and state.widths["v"] == width and not state.full_slots
+
+
 # ---------------------------------------------------------------------------------------------
 # No host synchronisation on the filtering path
 # ---------------------------------------------------------------------------------------------
